@@ -1,0 +1,54 @@
+"""Shared fixtures: the real FIB-25 volume, and a guard against leaked threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Two cores on CI: keep torch from oversubscribing them when tests run.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+FIB25 = Path(os.environ.get("NRRN_FIB25", REPO.parent / "shared" / "data" / "fib25" / "fib25_sample1_250.tif"))
+
+
+@pytest.fixture(scope="session")
+def fib25_path() -> Path:
+    """Path of the shared real FIB-SEM volume (250³ uint8, ZYX); skips when it is absent."""
+    if not FIB25.exists():
+        pytest.skip(f"real FIB-25 volume not found at {FIB25} (set NRRN_FIB25 to its path)")
+    return FIB25
+
+
+@pytest.fixture(scope="session")
+def fib25(fib25_path: Path) -> np.ndarray:
+    """The shared real FIB-SEM volume as a (250, 250, 250) uint8 array, read once per session."""
+    import tifffile
+
+    vol = tifffile.imread(fib25_path)
+    vol.setflags(write=False)
+    return vol
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_leaks():
+    """Fail a test that leaves threads running (observers, schedulers, workers)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+        leaked += [
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and t.daemon and t.name.startswith("nrrn")
+        ]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"test left threads running: {[t.name for t in leaked]}"
