@@ -51,7 +51,9 @@ class Normalisation:
         if self.mode not in ("dataset", "slice"):
             raise ValueError(f"normalisation mode must be 'dataset' or 'slice', got {self.mode!r}")
         if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"normalisation needs a finite mean and std > 0, got {self.mean}, {self.std}")
+            raise ValueError(
+                f"normalisation needs a finite mean and std > 0, got {self.mean}, {self.std}"
+            )
 
     def stats_for(self, centre: np.ndarray) -> tuple[float, float]:
         """Mean and std to use for a group whose centre slice is ``centre``."""
@@ -91,7 +93,9 @@ class Checkpoint:
     def from_model(
         cls, model: NRRN, normalisation: Normalisation, summary: dict[str, Any] | None = None
     ) -> Checkpoint:
-        state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+        state = {
+            k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()
+        }
         ckpt = cls(model.config, state, normalisation, dict(summary or {}))
         ckpt.content_sha256 = _content_sha256(ckpt)
         return ckpt
@@ -201,7 +205,9 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
             summary=meta.get("summary", {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} has malformed metadata ({exc}) — re-train it") from exc
+        raise CheckpointError(
+            f"checkpoint {path} has malformed metadata ({exc}) — re-train it"
+        ) from exc
     recorded = payload.get("content_sha256", "")
     actual = _content_sha256(ckpt)
     if recorded != actual:

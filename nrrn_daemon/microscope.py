@@ -18,7 +18,9 @@ import numpy as np
 import tifffile
 
 
-def encode_tiff(image: np.ndarray, extratags: Sequence[tuple] = (), description: str | None = None) -> bytes:
+def encode_tiff(
+    image: np.ndarray, extratags: Sequence[tuple] = (), description: str | None = None
+) -> bytes:
     """Encode one 2-D image as TIFF bytes (uncompressed, like the microscopes write)."""
     buf = io.BytesIO()
     tifffile.imwrite(buf, image, extratags=list(extratags), description=description, metadata=None)

@@ -101,7 +101,12 @@ class RunLiveness(str, Enum):
     """Ended cleanly; ``end_reason`` says why."""
 
 
-ROLE_ORDER: tuple[InputRole, ...] = (InputRole.PREV, InputRole.CENTRE, InputRole.NEXT, InputRole.SCAN)
+ROLE_ORDER: tuple[InputRole, ...] = (
+    InputRole.PREV,
+    InputRole.CENTRE,
+    InputRole.NEXT,
+    InputRole.SCAN,
+)
 """Order in which inputs are listed in reports and passed on a re-run command line."""
 
 STALE_AFTER_S: float = 30.0

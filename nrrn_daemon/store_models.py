@@ -9,6 +9,7 @@ created and checked on every open (see :class:`nrrn_daemon.provenance.Store`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from enum import Enum as PyEnum
 from typing import Any
 
@@ -196,3 +197,28 @@ class FinetuneRun(Base):
     candidate_model_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     promoted: Mapped[bool] = mapped_column(Boolean, default=False)
     summary_json: Mapped[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class SliceInfo:
+    """A ``slices`` row as plain data that outlives its session (see :class:`Slice`)."""
+
+    id: int
+    dataset_id: int
+    path: str
+    name: str
+    index: int
+    scan: int | None
+    size: int
+    mtime: float
+    sha256: str | None
+    state: SliceState
+    reason: str | None
+    first_seen_at: float
+    ready_at: float | None
+    updated_at: float
+
+    @classmethod
+    def of(cls, row: Slice) -> SliceInfo:
+        """Copy an ORM row."""
+        return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})

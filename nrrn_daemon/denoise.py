@@ -1,0 +1,287 @@
+"""The Denoiser: a checkpoint's NRRN on a device, applied to whole slices tile by tile.
+
+Arrays in, arrays out; no file I/O. A slice (uint8 or uint16, up to 6144×4096) is cut by
+:mod:`nrrn_daemon.tiling` into tiles whose halo is the network's receptive radius, so the
+stitched result equals whole-image inference (up to float rounding: ≤ 1 grey level, tested).
+
+Memory: the slice is never copied to float as a whole. One mean/std is computed on the centre
+slice before tiling (:meth:`Normalisation.stats_for`) and applied to each batch of windows on
+the device, so the host holds the integer inputs, the integer output and one batch of windows.
+
+On CUDA the model runs in channels-last layout under autocast (bf16 where supported, else fp16);
+an out-of-memory error halves the batch, then the tile, down to one 64-px tile, and only then
+fails. The reduced settings are kept for later calls.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoints import Checkpoint
+from .devices import resolve_device
+from .errors import InputError, NRRNError
+from .tiling import Tile, paste, plan_tiles
+
+MIN_TILE = 64
+"""Smallest core side the out-of-memory fallback goes down to."""
+
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+
+
+class Denoiser:
+    """Denoise slices with a checkpoint's NRRN.
+
+    Parameters
+    ----------
+    checkpoint
+        The model and its normalisation.
+    device
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    tile
+        Largest core side in pixels (cores are balanced, see :mod:`nrrn_daemon.tiling`);
+        ``None`` runs the whole image in one pass.
+    tile_batch
+        Tiles per forward pass (all windows share one shape).
+
+    Attributes
+    ----------
+    device, device_name, precision, cpu_fallback
+        The resolved device (``"cpu"``/``"cuda:0"``), its CPU model or GPU name, ``"float32"``
+        or ``"bf16"``/``"fp16"``, and whether ``auto`` fell back to the CPU.
+    halo
+        Context pixels around each core: the model's :attr:`NRRNConfig.halo`.
+    last_timing
+        Of the last :meth:`denoise` call: ``normalise_s``, ``model_s``, ``total_s`` (seconds),
+        ``tiles``, ``tile`` (0 = whole image), ``tile_batch``, ``oom_retries``.
+
+    Raises
+    ------
+    InputError
+        Unknown device, or CUDA requested where none is available.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str = "auto",
+        tile: int | None = 512,
+        tile_batch: int = 4,
+    ) -> None:
+        if tile is not None and tile < 1:
+            raise ValueError(f"tile must be ≥ 1 or None, got {tile}")
+        if tile_batch < 1:
+            raise ValueError(f"tile_batch must be ≥ 1, got {tile_batch}")
+        info = resolve_device(device)
+        self.checkpoint = checkpoint
+        self.device = info.device
+        self.device_name = info.name
+        self.precision = info.precision
+        self.cpu_fallback = info.cpu_fallback
+        self._autocast_dtype = info.autocast_dtype
+        self.tile = tile
+        self.tile_batch = tile_batch
+        self.halo = checkpoint.config.halo
+        model: nn.Module = checkpoint.build_model().to(self.device)
+        if self._on_cuda:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.eval()
+        self.last_timing: dict[str, float] = {}
+
+    @property
+    def _on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def denoise(
+        self,
+        centre: np.ndarray,
+        neighbours: Sequence[np.ndarray] = (),
+        *,
+        tiles: Sequence[Tile] | None = None,
+    ) -> np.ndarray:
+        """Denoise one slice with 0, 1, 2 (or more, for repeat scans) neighbours.
+
+        Two neighbours: the mean of the two branches (a triplet); one: that branch; none: the
+        single-image fallback; more: the mean of all branches (see :class:`NRRN.forward`).
+
+        Parameters
+        ----------
+        centre
+            2-D uint8 or uint16 slice.
+        neighbours
+            Slices of the same shape and dtype (x_{j−1}, x_{j+1}, or repeat scans).
+        tiles
+            An explicit plan from :func:`plan_tiles` for this shape, instead of the Denoiser's
+            own (benchmarks compare tilings with it); the OOM fallback then only shrinks the batch.
+
+        Returns
+        -------
+        numpy.ndarray
+            The denoised slice, same shape and dtype, rounded and clipped to the dtype's range.
+
+        Raises
+        ------
+        InputError
+            Not a 2-D uint8/uint16 array, or neighbours of another shape or dtype.
+        NRRNError
+            Out of GPU memory even for one tile of ``MIN_TILE`` px per pass.
+        """
+        start = time.perf_counter()
+        _check_inputs(centre, neighbours)
+        height, width = centre.shape
+        mean, std = self.checkpoint.normalisation.stats_for(centre)
+        stats_s = time.perf_counter() - start
+        if tiles is not None:
+            _check_plan(tiles, height, width)
+        tile, batch, retries = self.tile, self.tile_batch, 0
+        while True:
+            plan = list(tiles) if tiles is not None else self._plan(height, width, tile)
+            try:
+                out, timing = self._run(plan, batch, centre, neighbours, mean, std)
+                break
+            except _OOM_ERRORS as exc:  # only raised on CUDA (and by the tests' fake)
+                failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            # Outside the except block: the traceback's tensors are gone before emptying the cache.
+            retries += 1
+            self._release_memory()
+            if min(batch, len(plan)) > 1:  # a batch larger than the plan is no batch at all
+                batch = min(batch, len(plan)) // 2
+            elif tiles is None and (tile or max(height, width)) > MIN_TILE:
+                tile = max(MIN_TILE, (tile or max(height, width)) // 2)
+            else:
+                h, w = plan[0].window_shape
+                raise NRRNError(
+                    f"out of memory on {self.device} ({self.device_name}) denoising a "
+                    f"{height}×{width} slice even with one {h}×{w} window per pass "
+                    f"({failure}) — free the GPU or use device 'cpu'"
+                )
+        self.tile, self.tile_batch = tile, batch  # keep what fitted for the next slices
+        timing["normalise_s"] += stats_s
+        self.last_timing = {
+            **timing,
+            "total_s": time.perf_counter() - start,
+            "tiles": len(plan),
+            "tile": tile or 0,
+            "tile_batch": batch,
+            "oom_retries": retries,
+        }
+        return out
+
+    def denoise_whole(
+        self, centre: np.ndarray, neighbours: Sequence[np.ndarray] = ()
+    ) -> np.ndarray:
+        """Whole-image inference, one pass, no tiling (the reference for exactness tests)."""
+        return self.denoise(
+            centre, neighbours, tiles=plan_tiles(*centre.shape, max(centre.shape), 0)
+        )
+
+    def _plan(self, height: int, width: int, tile: int | None) -> list[Tile]:
+        return plan_tiles(height, width, tile or max(height, width), self.halo)
+
+    def _release_memory(self) -> None:
+        gc.collect()
+        if self._on_cuda:
+            torch.cuda.empty_cache()
+
+    def _run(
+        self,
+        plan: Sequence[Tile],
+        batch: int,
+        centre: np.ndarray,
+        neighbours: Sequence[np.ndarray],
+        mean: float,
+        std: float,
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Run ``plan`` in batches of same-shape windows; returns the output and timings."""
+        out = np.empty(centre.shape, dtype=centre.dtype)
+        top = float(np.iinfo(centre.dtype).max)
+        groups: dict[tuple[int, int], list[Tile]] = {}
+        for t in plan:
+            groups.setdefault(t.window_shape, []).append(t)
+        normalise_s = model_s = 0.0
+        with torch.inference_mode():
+            for group in groups.values():
+                for i in range(0, len(group), batch):
+                    chunk = group[i : i + batch]
+                    t0 = time.perf_counter()
+                    inputs = [
+                        self._windows(image, chunk, mean, std) for image in (centre, *neighbours)
+                    ]
+                    t1 = time.perf_counter()
+                    result = self._forward(inputs)
+                    if self._on_cuda:
+                        torch.cuda.synchronize(self.device)
+                    t2 = time.perf_counter()
+                    normalise_s += t1 - t0
+                    model_s += t2 - t1
+                    # Undo the normalisation, clip to the dtype's range, round: integers out.
+                    levels = (result[:, 0].float() * std + mean).clamp_(0.0, top).round_()
+                    levels_np = levels.to(torch.int32).cpu().numpy()
+                    for t, window in zip(chunk, levels_np, strict=True):
+                        paste(out, t, window)
+        return out, {"normalise_s": normalise_s, "model_s": model_s}
+
+    def _windows(self, image: np.ndarray, chunk: Sequence[Tile], mean: float, std: float) -> Tensor:
+        """``(N, 1, h, w)`` normalised float32 windows of ``image`` on the device."""
+        stacked = np.stack([image[t.window_slices] for t in chunk])[:, None]
+        if stacked.dtype == np.uint16:  # torch has few uint16 kernels: widen on the host
+            stacked = stacked.astype(np.int32)
+        x = torch.from_numpy(stacked).to(self.device, non_blocking=True)
+        x = (x.to(torch.float32) - mean) / std
+        if self._on_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _forward(self, inputs: list[Tensor]) -> Tensor:
+        centre, *neighbours = inputs
+        if self._autocast_dtype is None:
+            return self.model(centre, *neighbours)
+        with torch.autocast(device_type="cuda", dtype=self._autocast_dtype):
+            return self.model(centre, *neighbours)
+
+
+def _check_plan(tiles: Sequence[Tile], height: int, width: int) -> None:
+    """Cheap sanity check of an explicit plan: windows inside the image, core areas add up."""
+    area = 0
+    for t in tiles:
+        y0, y1, x0, x1 = t.window
+        if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+            raise ValueError(f"tile window {t.window} lies outside the {height}×{width} slice")
+        cy0, cy1, cx0, cx1 = t.core
+        area += (cy1 - cy0) * (cx1 - cx0)
+    if area != height * width:
+        raise ValueError(f"the tile plan's cores cover {area} px, the slice has {height * width}")
+
+
+def _check_inputs(centre: np.ndarray, neighbours: Sequence[np.ndarray]) -> None:
+    for role, image in (("centre", centre), *(("neighbour", n) for n in neighbours)):
+        if not isinstance(image, np.ndarray):
+            raise InputError(f"the {role} slice must be a numpy array, got {type(image).__name__}")
+        if image.ndim != 2 or 0 in image.shape:
+            raise InputError(
+                f"the {role} slice must be a non-empty 2-D greyscale image, got shape {image.shape}"
+            )
+        if image.dtype not in _DTYPES:
+            raise InputError(
+                f"the {role} slice has dtype {image.dtype}; NRRN denoises uint8 or uint16 slices "
+                "(float images are not accepted: convert them to integers first)"
+            )
+    for k, n in enumerate(neighbours):
+        if n.shape != centre.shape:
+            raise InputError(
+                f"neighbour {k} has shape {n.shape} but the centre slice has shape "
+                f"{centre.shape} — slices of one stack must have the same size"
+            )
+        if n.dtype != centre.dtype:
+            raise InputError(
+                f"neighbour {k} has dtype {n.dtype} but the centre slice has dtype "
+                f"{centre.dtype} — slices of one stack must have the same bit depth"
+            )

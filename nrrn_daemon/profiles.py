@@ -1,0 +1,656 @@
+"""Instrument profiles: strict pydantic models of one TOML file per microscope set-up.
+
+A profile says where the microscope writes its slices, how to read an index out of a file name,
+how to group slices, where outputs and the provenance database go, which model to run and when to
+fine-tune it. Every model forbids unknown fields, bounds its numbers and documents each field with
+the docstring under it (``use_attribute_docstrings``); :func:`profile_field_docs` exposes those
+docstrings so the README can be checked against them.
+
+Profiles are looked up by name in :func:`profile_search_path` (first occurrence wins) or read from
+a path. Every failure raises :class:`~nrrn_daemon.errors.ProfileError` with one line that names the
+file, the dotted field, what is wrong and the value given.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from nrrn_daemon.errors import InputError, ProfileError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with the tomli backport
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = [
+    "FinetuneSettings",
+    "GroupingSettings",
+    "ImageSettings",
+    "ModelSettings",
+    "OutputSettings",
+    "Profile",
+    "ProfileEntry",
+    "StoreSettings",
+    "WatchSettings",
+    "list_profiles",
+    "load_profile",
+    "profile_field_docs",
+    "profile_search_path",
+]
+
+PROFILE_NAME = re.compile(r"^[a-z0-9_-]+$")
+"""What a profile name may look like: it doubles as a file name, so it cannot escape a folder."""
+
+BUNDLED_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+"""The profiles shipped in the repository, searched last."""
+
+SYSTEM_PROFILES = Path("/etc/nrrn-daemon/profiles")
+"""Site-wide profiles, searched after the user's own."""
+
+NAMING_FIELDS = ("name", "stem", "suffix", "index")
+"""The placeholders an output naming template may use."""
+
+_STRICT = ConfigDict(
+    extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
+)
+
+
+def _expand(value: Any) -> Any:
+    """Expand ``~`` and ``$VARS`` in a path-like value; relative paths stay relative."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(os.path.expandvars(os.path.expanduser(os.fspath(value))))
+    return value
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    """Whether ``inner`` is ``outer`` or lies below it, after resolving both against the CWD."""
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def _render(template: str, input_name: str, index: int | None) -> str:
+    """Fill a naming template; an {index} placeholder with no index raises ValueError."""
+    path = Path(input_name)
+    fields: dict[str, Any] = {"name": input_name, "stem": path.stem, "suffix": path.suffix}
+    if index is not None:
+        fields["index"] = index
+    elif "index" in {f for _, f, _, _ in string.Formatter().parse(template)}:
+        raise ValueError("the template uses {index} but the slice has no index")
+    return template.format_map(fields)
+
+
+def _check_file_name(name: str) -> str:
+    """Return ``name`` if it is a plain file name, else raise InputError saying why."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise InputError(f"{name!r} is not a plain file name (no '/', '\\', '..' or NUL)")
+    return name
+
+
+class WatchSettings(BaseModel):
+    """Where the microscope writes its slices and how to recognise them."""
+
+    model_config = _STRICT
+
+    folder: Path = Path("/data/fibsem/incoming")
+    """The microscope's output folder. Read-only to the daemon: nothing is ever written there."""
+
+    glob: str = "*.tif"
+    """Shell pattern matched (case-sensitively) against file names only, never against folders."""
+
+    index_regex: str = r"(?P<index>\d+)\D*$"
+    """Regular expression searched in the file name; its named group `index` holds the slice
+    number (parsed as an integer). An optional group `scan` numbers repeated scans of one slice
+    and is required when `grouping.mode` is "repeat-scans"."""
+
+    recursive: bool = False
+    """Also watch the sub-folders of `folder`."""
+
+    observer: Literal["native", "polling"] = "native"
+    """"native" uses the OS notifications (inotify...); "polling" lists the folder every
+    `poll_interval_s` and is needed on network shares (CIFS/NFS), where remote writes raise no
+    notification."""
+
+    poll_interval_s: float = Field(default=2.0, ge=0.1, le=600)
+    """Seconds between two listings of the folder by the polling observer."""
+
+    settle_s: float = Field(default=2.0, ge=0, le=3600)
+    """A file counts as complete once its size and modification time stayed unchanged this many
+    seconds (and it decodes)."""
+
+    rescan_interval_s: float = Field(default=60.0, ge=1, le=86400)
+    """Seconds between two reconciliation scans of the whole folder, which catch any file the
+    observer missed."""
+
+    @field_validator("folder", mode="before")
+    @classmethod
+    def _expand_folder(cls, value: Any) -> Any:
+        return _expand(value)
+
+    @field_validator("glob")
+    @classmethod
+    def _glob_is_a_name_pattern(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the glob is empty; give a file name pattern such as '*.tif'")
+        if "/" in value or "\\" in value:
+            raise ValueError(
+                "the glob is matched against file names only and must not contain '/' or '\\'; "
+                "use watch.folder and watch.recursive for folders"
+            )
+        return value
+
+    @field_validator("index_regex")
+    @classmethod
+    def _regex_has_index_group(cls, value: str) -> str:
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        if "index" not in pattern.groupindex:
+            raise ValueError(
+                "the regular expression has no named group `index`; "
+                r"write it as (?P<index>\d+) around the slice number"
+            )
+        return value
+
+
+class GroupingSettings(BaseModel):
+    """How slices are grouped into units of work."""
+
+    model_config = _STRICT
+
+    mode: Literal["adjacent", "repeat-scans"] = "adjacent"
+    """"adjacent": slice j is denoised with slices j-1 and j+1 as Noise2Noise targets;
+    "repeat-scans": the scans of one slice (group `scan` of `watch.index_regex`) form the group."""
+
+    neighbour_wait_s: float = Field(default=600.0, ge=0, le=86400)
+    """Seconds a ready slice waits for a missing neighbour (or scan) before it is denoised with
+    what it has (pair mode, or single at a stack edge)."""
+
+    redo_as_triplet: bool = True
+    """When a late neighbour arrives, denoise again as a full triplet a slice that was done in
+    pair or single mode."""
+
+    scans_per_slice: int = Field(default=2, ge=2, le=16)
+    """Repeat-scans mode: the number of scans that completes one slice's group."""
+
+
+class ImageSettings(BaseModel):
+    """How to read a slice before denoising."""
+
+    model_config = _STRICT
+
+    databar: Literal["none", "fei", "rows"] = "none"
+    """The information strip below the image, cropped before denoising: "none"; "fei" (height
+    from the FEI metadata, keeping [Image] ResolutionY rows); "rows" (`databar_rows` rows)."""
+
+    databar_rows: int = Field(default=0, ge=0, le=65535)
+    """For `databar` = "rows": the fixed height in pixels of the strip at the bottom."""
+
+    @model_validator(mode="after")
+    def _rows_match_databar(self) -> ImageSettings:
+        if self.databar == "rows" and self.databar_rows < 1:
+            raise ValueError(
+                f"image.databar = 'rows' needs image.databar_rows >= 1; got {self.databar_rows}"
+            )
+        if self.databar != "rows" and self.databar_rows:
+            raise ValueError(
+                f"image.databar_rows = {self.databar_rows} is only used with "
+                f"image.databar = 'rows'; got databar = {self.databar!r}"
+            )
+        return self
+
+
+class OutputSettings(BaseModel):
+    """Where denoised slices are written and how they are named."""
+
+    model_config = _STRICT
+
+    folder: Path = Path("/data/fibsem/denoised")
+    """Folder of the denoised TIFFs. Must not be the watch folder nor lie inside it."""
+
+    naming: str = "{name}"
+    """Output file name template with the placeholders {name} (input file name), {stem} (name
+    without suffix), {suffix} (e.g. ".tif") and {index} (slice number; format specs such as
+    {index:05d} work). The result must be a plain file name."""
+
+    @field_validator("folder", mode="before")
+    @classmethod
+    def _expand_folder(cls, value: Any) -> Any:
+        return _expand(value)
+
+    @field_validator("naming")
+    @classmethod
+    def _naming_is_a_safe_template(cls, value: str) -> str:
+        try:
+            parts = list(string.Formatter().parse(value))
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc})") from None
+        fields = {f for _, f, _, _ in parts if f is not None}
+        unknown = sorted(f or "{}" for f in fields if f not in NAMING_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder(s) {', '.join(unknown)}; allowed: "
+                + ", ".join("{" + f + "}" for f in NAMING_FIELDS)
+            )
+        if not fields & {"name", "stem", "index"}:
+            raise ValueError(
+                "the template must contain {name}, {stem} or {index}, "
+                "else every slice would be written to the same file"
+            )
+        for literal, *_ in parts:
+            if "/" in literal or "\\" in literal:
+                raise ValueError("the template must not contain '/' or '\\'")
+        try:
+            _check_file_name(_render(value, "SEM Image - SliceImage - 001.tif", 1))
+        except (InputError, ValueError) as exc:
+            raise ValueError(f"the template does not give a plain file name: {exc}") from None
+        return value
+
+
+class StoreSettings(BaseModel):
+    """The provenance database."""
+
+    model_config = _STRICT
+
+    database: Path = Path("/var/lib/nrrn-daemon/nrrn.sqlite")
+    """SQLite file recording every slice, output, model and fine-tune run."""
+
+    @field_validator("database", mode="before")
+    @classmethod
+    def _expand_database(cls, value: Any) -> Any:
+        return _expand(value)
+
+
+class ModelSettings(BaseModel):
+    """Which network runs, where, and how the image is tiled."""
+
+    model_config = _STRICT
+
+    checkpoint: str = "base"
+    """"base" (the shipped base checkpoint), "dataset" (the data set's promoted fine-tuned model,
+    else base) or a path to a .pt checkpoint."""
+
+    device: str = "auto"
+    """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
+
+    tile: int = Field(default=512, ge=64, le=8192)
+    """Tile size in pixels; tiles overlap by a halo and are stitched back."""
+
+    tile_batch: int = Field(default=4, ge=1, le=64)
+    """Tiles per forward pass."""
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _checkpoint_choice(cls, value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or value in ("base", "dataset"):
+            return value
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        if not expanded.endswith(".pt"):
+            raise ValueError("expected 'base', 'dataset' or a path to a .pt checkpoint")
+        return expanded
+
+    @field_validator("device")
+    @classmethod
+    def _device_choice(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """The checkpoint file when `checkpoint` is a path; None for "base" and "dataset"."""
+        return None if self.checkpoint in ("base", "dataset") else Path(self.checkpoint)
+
+
+class FinetuneSettings(BaseModel):
+    """When and how the model is fine-tuned on the data set being acquired."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    """Run scheduled fine-tunes at all."""
+
+    cron: str = "0 2 * * *"
+    """When to fine-tune: a 5-field crontab expression (minute hour day month weekday)."""
+
+    early_after_slices: int = Field(default=200, ge=0, le=10_000_000)
+    """Run a first fine-tune once this many slices are denoised, without waiting for `cron`;
+    0 disables it."""
+
+    minutes: float = Field(default=30.0, ge=0.5, le=1440)
+    """Time budget of one fine-tune run in minutes."""
+
+    validation_fraction: float = Field(default=0.1, ge=0.02, le=0.5)
+    """Fraction of the triplets held out to decide whether the fine-tuned model is promoted."""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"expected 5 fields (minute hour day month weekday), got {len(fields)}"
+            )
+        try:
+            from apscheduler.triggers.cron import CronTrigger
+        except ImportError:  # pragma: no cover - apscheduler is a dependency
+            return value
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"not a valid crontab expression ({exc})") from None
+        return value
+
+
+class Profile(BaseModel):
+    """One microscope set-up: the top of a profile TOML file."""
+
+    model_config = _STRICT
+
+    name: str = Field(pattern=PROFILE_NAME.pattern)
+    """Profile name (lower-case letters, digits, '_' and '-'); also its file name without .toml."""
+
+    description: str = ""
+    """Free text: the instrument, its software and its file naming."""
+
+    watch: WatchSettings = WatchSettings()
+    """[watch]: the microscope's output folder and its file names."""
+
+    grouping: GroupingSettings = GroupingSettings()
+    """[grouping]: how slices form units of work."""
+
+    image: ImageSettings = ImageSettings()
+    """[image]: how a slice is read (databar)."""
+
+    output: OutputSettings = OutputSettings()
+    """[output]: where denoised slices go."""
+
+    store: StoreSettings = StoreSettings()
+    """[store]: the provenance database."""
+
+    model: ModelSettings = ModelSettings()
+    """[model]: the network, device and tiling."""
+
+    finetune: FinetuneSettings = FinetuneSettings()
+    """[finetune]: scheduled fine-tuning."""
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        watch = self.watch.folder
+        if _is_within(self.output.folder, watch):
+            raise ValueError(
+                f"output.folder ({self.output.folder}) is the watch folder or inside it "
+                f"({watch}); the watch folder is read-only to the daemon, choose another folder"
+            )
+        if _is_within(self.store.database, watch):
+            raise ValueError(
+                f"store.database ({self.store.database}) is inside the watch folder ({watch}); "
+                "the watch folder is read-only to the daemon, choose another place"
+            )
+        if (
+            self.grouping.mode == "repeat-scans"
+            and "scan" not in re.compile(self.watch.index_regex).groupindex
+        ):
+            raise ValueError(
+                "grouping.mode = 'repeat-scans' needs a named group `scan` in watch.index_regex; "
+                f"got {self.watch.index_regex!r}"
+            )
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The file this profile was loaded from, or None when built in code."""
+        return self._source
+
+    def output_name(self, input_name: str, index: int | None) -> str:
+        """Apply the `output.naming` template to one input file.
+
+        Parameters
+        ----------
+        input_name
+            The input file name (no folder).
+        index
+            The slice index, or None when unknown.
+
+        Returns
+        -------
+        str
+            The output file name, checked to be a plain file name.
+
+        Raises
+        ------
+        InputError
+            When the template needs {index} and none is given, or the result is not a plain name.
+        """
+        try:
+            result = _render(self.output.naming, input_name, index)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise InputError(
+                f"cannot name the output of {input_name!r} with output.naming "
+                f"{self.output.naming!r} (index {index!r}): {exc}"
+            ) from None
+        return _check_file_name(result)
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    """One profile found in the search path: either loaded, or the reason it failed to load."""
+
+    name: str
+    """The name it is looked up by (file name without .toml)."""
+    path: Path
+    """The TOML file."""
+    profile: Profile | None
+    """The validated profile, or None when it failed to load."""
+    error: str | None
+    """Why it failed to load, or None."""
+
+
+def profile_search_path() -> list[Path]:
+    """The folders searched for a profile by name, in order (the first occurrence wins).
+
+    ``$NRRN_PROFILES`` (``os.pathsep``-separated), ``$XDG_CONFIG_HOME/nrrn-daemon/profiles``
+    (default ``~/.config``), ``/etc/nrrn-daemon/profiles``, then the shipped ones: the
+    repository's ``profiles/`` (a source checkout or editable install) and
+    ``<prefix>/share/nrrn-daemon/profiles`` (a wheel install).
+    """
+    env = [Path(p).expanduser() for p in os.environ.get("NRRN_PROFILES", "").split(os.pathsep)]
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [
+        *(p for p in env if str(p) not in ("", ".")),
+        config / "nrrn-daemon" / "profiles",
+        SYSTEM_PROFILES,
+        BUNDLED_PROFILES,
+        Path(sys.prefix) / "share" / "nrrn-daemon" / "profiles",
+    ]
+
+
+def _looks_like_path(value: str | Path) -> bool:
+    if isinstance(value, Path):
+        return True
+    seps = {os.sep, os.altsep, "/"} - {None}
+    return any(s in value for s in seps) or value.endswith(".toml") or Path(value).is_file()
+
+
+def _find(name: str, search_path: list[Path]) -> Path:
+    if not PROFILE_NAME.match(name):
+        raise ProfileError(
+            f"invalid profile name {name!r}: use lower-case letters, digits, '_' and '-' "
+            "(or give a path to a .toml file)"
+        )
+    for folder in search_path:
+        candidate = folder / f"{name}.toml"
+        if candidate.is_file():
+            return candidate
+    available = sorted({p.stem for folder in search_path for p in _tomls(folder)})
+    raise ProfileError(
+        f"unknown profile {name!r}; available: {', '.join(available) or 'none'}; "
+        f"searched: {', '.join(str(p) for p in search_path)}"
+    )
+
+
+def _tomls(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.glob("*.toml") if p.is_file())
+    except OSError:
+        return []
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any], path: Path) -> None:
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ProfileError(
+                    f"{path}: cannot override {key!r}: {'.'.join(parents[: i + 1])} is not a table"
+                )
+            node = child
+        node[leaf] = os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _allowed_fields(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names allowed in the table that holds ``loc`` (for 'unknown field' messages)."""
+    model: type[BaseModel] = Profile
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(exc: ValidationError) -> str:
+    messages = []
+    for err in exc.errors():
+        loc = err["loc"]
+        field = ".".join(str(p) for p in loc) or "profile"
+        if err["type"] == "extra_forbidden":
+            table = ".".join(str(p) for p in loc[:-1])
+            where = f"[{table}]" if table else "the top level"
+            messages.append(
+                f"unknown field {field!r} (value {err['input']!r}); allowed in {where}: "
+                + ", ".join(_allowed_fields(loc))
+            )
+            continue
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "missing":
+            messages.append(f"{field}: required field is missing")
+        elif loc and not isinstance(err["input"], dict):
+            messages.append(f"{field}: {msg}; given {err['input']!r}")
+        else:  # table-level checks name their fields and values themselves
+            messages.append(msg)
+    return "; ".join(messages)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"profile file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_profile(
+    name_or_path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    search_path: list[Path] | None = None,
+) -> Profile:
+    """Load and validate a profile.
+
+    Parameters
+    ----------
+    name_or_path
+        A profile name, looked up in ``search_path``, or a path to a TOML file (a value with a
+        path separator, ending in ``.toml``, or naming an existing file).
+    overrides
+        Dotted keys applied before validation, e.g. ``{"watch.folder": "/mnt/acq"}``.
+    search_path
+        Folders to look names up in; default :func:`profile_search_path`.
+
+    Returns
+    -------
+    Profile
+        The validated profile; ``profile.source`` is the file it came from.
+
+    Raises
+    ------
+    ProfileError
+        Unknown name (listing the available ones), unreadable file, bad TOML (with its line), or
+        invalid fields (naming each dotted field, what is wrong and the value given).
+    """
+    folders = profile_search_path() if search_path is None else list(search_path)
+    if _looks_like_path(name_or_path):
+        path = Path(os.path.expanduser(os.fspath(name_or_path)))
+    else:
+        path = _find(str(name_or_path), folders)
+    data = _read(path)
+    if overrides:
+        _apply_overrides(data, overrides, path)
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(f"invalid profile {path}: {_describe(exc)}") from None
+    profile._source = path
+    return profile
+
+
+def list_profiles(search_path: list[Path] | None = None) -> list[ProfileEntry]:
+    """Every profile in the search path (the first occurrence of a name wins), sorted by name.
+
+    Profiles that fail to load are listed with their error instead of raising.
+    """
+    folders = profile_search_path() if search_path is None else list(search_path)
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for path in _tomls(folder):
+            found.setdefault(path.stem, path)
+    entries = []
+    for name, path in sorted(found.items()):
+        try:
+            entries.append(ProfileEntry(name, path, load_profile(path), None))
+        except ProfileError as exc:
+            entries.append(ProfileEntry(name, path, None, str(exc)))
+    return entries
+
+
+def profile_field_docs() -> list[tuple[str, str]]:
+    """Every profile field as (dotted name, docstring), tables first then their fields."""
+    docs: list[tuple[str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            docs.append((prefix + name, " ".join((info.description or "").split())))
+            sub = info.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(sub, f"{prefix}{name}.")
+
+    walk(Profile, "")
+    return docs

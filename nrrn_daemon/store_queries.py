@@ -1,0 +1,359 @@
+"""Read-side reports of the provenance store: ``status`` and ``provenance``.
+
+Both take an open :class:`~sqlalchemy.orm.Session` (one read transaction, one snapshot) and
+return plain JSON-able dicts; :class:`nrrn_daemon.provenance.Store` calls them. Counting and
+percentiles are SQL aggregates over indexed columns; no query loads a whole table. Times are
+reported as ISO 8601 UTC strings, durations and ages as seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from datetime import UTC, datetime
+from pathlib import Path, PurePath
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from nrrn_daemon.errors import StoreError
+from nrrn_daemon.states import (
+    FAILED_LIST_LIMIT,
+    ROLE_ORDER,
+    InputRole,
+    RunLiveness,
+    SliceState,
+)
+from nrrn_daemon.store_models import Dataset, ModelVersion, Output, OutputInput, Run, Slice
+
+HOUR_S = 3600.0
+
+
+def iso(t: float | None) -> str | None:
+    """Seconds since the epoch as an ISO 8601 UTC string (``None`` stays ``None``)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="seconds")
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def status_report(
+    session: Session, *, dataset: str | None, stale_after_s: float, now: float, where: str
+) -> dict[str, Any]:
+    """The daemon's state as recorded in the database.
+
+    Parameters
+    ----------
+    session
+        An open read transaction.
+    dataset
+        Report only this data set (by name); ``None`` reports all of them.
+    stale_after_s
+        A run not ended whose heartbeat is older than this is reported ``"stale"``.
+    now
+        The time to measure heartbeat ages and the last hour from.
+    where
+        The database path, for messages.
+
+    Returns
+    -------
+    dict
+        ``run`` (the latest run: ``state`` alive/stale/ended, ``heartbeat_age_s``,
+        ``end_reason``, ``live`` = its ``state_json``...; ``None`` before the first run),
+        ``profile`` (name and settings of that run) and ``datasets``: one dict each with
+        ``slices`` (count per state), ``waiting`` (ready slices), ``failed`` (latest ones with
+        reasons), ``latency_s`` (ready → finished: ``median``, ``p90``, ``last``, ``count``),
+        ``throughput_per_h`` (``last_hour``, ``overall``), ``model``, ``device`` and
+        ``cpu_fallback`` (of the last output), ``next_finetune`` (from the run's live state).
+
+    Raises
+    ------
+    StoreError
+        ``dataset`` names no data set.
+    """
+    run = session.scalar(select(Run).order_by(Run.started_at.desc(), Run.id.desc()).limit(1))
+    query = select(Dataset).order_by(Dataset.name)
+    if dataset is not None:
+        query = query.where(Dataset.name == dataset)
+    datasets = list(session.scalars(query))
+    if dataset is not None and not datasets:
+        known = ", ".join(session.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
+        raise StoreError(f"no data set named {dataset!r} in {where} (known: {known})")
+    live = run.state_json if run is not None else {}
+    return {
+        "database": where,
+        "now": iso(now),
+        "run": None if run is None else _run_status(run, now, stale_after_s),
+        "profile": None
+        if run is None
+        else {"name": run.profile_name, "settings": run.profile_json},
+        "datasets": [_dataset_status(session, ds, now, live, run) for ds in datasets],
+    }
+
+
+def _run_status(run: Run, now: float, stale_after_s: float) -> dict[str, Any]:
+    """The run row, judged alive / stale / ended from its heartbeat."""
+    age = now - run.heartbeat_at
+    if run.ended_at is not None:
+        state = RunLiveness.ENDED
+    elif age > stale_after_s:
+        state = RunLiveness.STALE
+    else:
+        state = RunLiveness.ALIVE
+    return {
+        "id": run.id,
+        "state": state.value,
+        "host": run.host,
+        "pid": run.pid,
+        "version": run.version,
+        "device": run.device,
+        "started_at": iso(run.started_at),
+        "heartbeat_at": iso(run.heartbeat_at),
+        "heartbeat_age_s": age,
+        "stale_after_s": stale_after_s,
+        "ended_at": iso(run.ended_at),
+        "end_reason": run.end_reason,
+        "live": run.state_json,
+    }
+
+
+def _dataset_status(
+    session: Session, ds: Dataset, now: float, live: dict[str, Any], run: Run | None
+) -> dict[str, Any]:
+    """Counts, failures, latency, throughput and model of one data set."""
+    counts = {state.value: 0 for state in SliceState}
+    for state, n in session.execute(
+        select(Slice.state, func.count()).where(Slice.dataset_id == ds.id).group_by(Slice.state)
+    ):
+        counts[SliceState(state).value] = n
+    failed = session.execute(
+        select(Slice.path, Slice.name, Slice.index, Slice.reason, Slice.updated_at)
+        .where(Slice.dataset_id == ds.id, Slice.state == SliceState.FAILED)
+        .order_by(Slice.updated_at.desc())
+        .limit(FAILED_LIST_LIMIT)
+    )
+    last = session.scalar(
+        select(Output)
+        .where(Output.dataset_id == ds.id)
+        .order_by(Output.finished_at.desc())
+        .limit(1)
+    )
+    model = session.get(ModelVersion, ds.current_model_id) if ds.current_model_id else None
+    if model is None and last is not None:
+        model = session.get(ModelVersion, last.model_version_id)
+    device = last.device if last is not None else (run.device if run is not None else None)
+    next_finetune = live.get("next_finetune")
+    if isinstance(next_finetune, dict):  # the daemon may schedule per data set
+        next_finetune = next_finetune.get(ds.name)
+    return {
+        "name": ds.name,
+        "watch_folder": ds.watch_folder,
+        "profile_name": ds.profile_name,
+        "slices": counts,
+        "waiting": counts[SliceState.READY.value],
+        "failed": [
+            {"path": p, "name": n, "index": i, "reason": r, "at": iso(t)}
+            for p, n, i, r, t in failed
+        ],
+        "outputs": session.scalar(
+            select(func.count()).select_from(Output).where(Output.dataset_id == ds.id)
+        ),
+        "latency_s": _latency(session, ds.id, last),
+        "throughput_per_h": _throughput(session, ds.id, now),
+        "model": None if model is None else {"label": model.label, "sha256": model.sha256},
+        "last_output": None if last is None else {"path": last.path, "at": iso(last.finished_at)},
+        "device": device,
+        "cpu_fallback": device is not None and device.split(":")[0] == "cpu",
+        "next_finetune": next_finetune,
+    }
+
+
+def _latency(session: Session, dataset_id: int, last: Output | None) -> dict[str, Any]:
+    """Ready → finished seconds of the data set's outputs: median, p90 (nearest rank), last."""
+    latency = Output.finished_at - Output.ready_at
+    where = (Output.dataset_id == dataset_id, Output.ready_at.is_not(None))
+    n = session.scalar(select(func.count()).select_from(Output).where(*where)) or 0
+
+    def rank(p: float) -> float | None:
+        if n == 0:
+            return None
+        k = max(math.ceil(p * n) - 1, 0)
+        return session.scalar(select(latency).where(*where).order_by(latency).offset(k).limit(1))
+
+    last_s = None
+    if last is not None and last.ready_at is not None:
+        last_s = last.finished_at - last.ready_at
+    return {"median": rank(0.5), "p90": rank(0.9), "last": last_s, "count": n}
+
+
+def _throughput(session: Session, dataset_id: int, now: float) -> dict[str, float | None]:
+    """Outputs per hour over the last hour, and over the span from first start to last finish."""
+    in_hour = session.scalar(
+        select(func.count())
+        .select_from(Output)
+        .where(Output.dataset_id == dataset_id, Output.finished_at >= now - HOUR_S)
+    )
+    n, first, last = session.execute(
+        select(func.count(), func.min(Output.started_at), func.max(Output.finished_at)).where(
+            Output.dataset_id == dataset_id
+        )
+    ).one()
+    overall = n / ((last - first) / HOUR_S) if n and last > first else None
+    return {"last_hour": float(in_hour or 0), "overall": overall}
+
+
+# -- provenance ---------------------------------------------------------------------------------
+
+
+def provenance_report(session: Session, query: str, *, where: str) -> dict[str, Any]:
+    """Everything recorded about how the output(s) matching ``query`` were made.
+
+    ``query`` is tried as an output path, then as an input slice path (giving the outputs
+    centred on that slice, every version), then as a bare file name of a slice or an output.
+
+    Returns
+    -------
+    dict
+        ``query``, ``matched`` (``"output path"``, ``"input path"`` or ``"name"``), ``slices``
+        (matching input slices with their state and reason; empty for an output path) and
+        ``outputs``, newest version first, each with its path, sha256, version, ``is_current``,
+        mode, reason, ``inputs`` (role, path, index, the sha256 recorded when read and the one
+        last recorded for the file, ``changed``), ``model``, ``settings``, ``device``,
+        ``timings``, ``run`` and ``rerun`` (an ``nrrn-daemon denoise`` command line).
+
+    Raises
+    ------
+    StoreError
+        Nothing matches.
+    """
+    variants = {query}
+    if query:
+        variants |= {
+            str(Path(query).expanduser().absolute()),
+            str(Path(query).expanduser().resolve()),
+        }
+    matched = "output path"
+    outputs = list(session.scalars(select(Output).where(Output.path.in_(variants))))
+    slices: list[Slice] = []
+    if not outputs:
+        matched = "input path"
+        slices = list(session.scalars(select(Slice).where(Slice.path.in_(variants))))
+    if not outputs and not slices and PurePath(query).name == query and query:
+        matched = "name"
+        slices = list(session.scalars(select(Slice).where(Slice.name == query)))
+        if not slices:  # an output renamed away from its slice's name
+            for sep in {"/", "\\"}:
+                outputs += session.scalars(
+                    select(Output).where(Output.path.endswith(sep + query, autoescape=True))
+                )
+    if slices:
+        ids = [s.id for s in slices]
+        outputs = list(session.scalars(select(Output).where(Output.centre_slice_id.in_(ids))))
+    if not outputs and not slices:
+        raise StoreError(
+            f"nothing in {where} matches {query!r}: give an output path, an input slice path "
+            "or a slice file name as the daemon recorded it"
+        )
+    names = {i: n for i, n in session.execute(select(Dataset.id, Dataset.name))}
+    outputs.sort(key=lambda o: (o.dataset_id, o.centre_slice_id, -o.version))
+    return {
+        "query": query,
+        "matched": matched,
+        "slices": [
+            {
+                "dataset": names.get(s.dataset_id),
+                "path": s.path,
+                "name": s.name,
+                "index": s.index,
+                "scan": s.scan,
+                "state": SliceState(s.state).value,
+                "reason": s.reason,
+                "sha256": s.sha256,
+            }
+            for s in slices
+        ],
+        "outputs": [_output_report(session, o, names) for o in outputs],
+    }
+
+
+def _output_report(session: Session, out: Output, names: dict[int, str]) -> dict[str, Any]:
+    """One output row with its inputs, model, run and a re-run command."""
+    rows = session.execute(
+        select(OutputInput.role, OutputInput.sha256, Slice)
+        .join(Slice, Slice.id == OutputInput.slice_id)
+        .where(OutputInput.output_id == out.id)
+    ).all()
+    rows.sort(key=lambda r: (ROLE_ORDER.index(InputRole(r[0])), r[2].scan or 0, r[2].index))
+    inputs = [
+        {"role": InputRole(role).value, "path": s.path, "name": s.name, "index": s.index,
+         "scan": s.scan, "sha256": sha, "sha256_latest": s.sha256, "changed": sha != s.sha256}
+        for role, sha, s in rows
+    ]  # fmt: skip
+    model = session.get(ModelVersion, out.model_version_id)
+    run = session.get(Run, out.run_id) if out.run_id is not None else None
+    centre = next(i for i in inputs if i["role"] == InputRole.CENTRE.value)
+    return {
+        "id": out.id,
+        "dataset": names.get(out.dataset_id),
+        "path": out.path,
+        "sha256": out.sha256,
+        "version": out.version,
+        "is_current": out.is_current,
+        "reason": out.reason,
+        "mode": out.mode.value,
+        "created_at": iso(out.created_at),
+        "centre": {k: centre[k] for k in ("path", "name", "index", "scan")},
+        "inputs": inputs,
+        "model": None if model is None else {
+            "label": model.label, "sha256": model.sha256, "path": model.path,
+            "kind": model.kind.value, "config": model.config_json,
+            "parent_sha256": model.parent_sha256, "metrics": model.metrics_json,
+            "created_at": iso(model.created_at), "promoted_at": iso(model.promoted_at),
+        },
+        "settings": out.settings_json,
+        "device": out.device,
+        "timings": {
+            "ready_at": iso(out.ready_at), "started_at": iso(out.started_at),
+            "finished_at": iso(out.finished_at), "read_s": out.read_s, "model_s": out.model_s,
+            "write_s": out.write_s,
+            "latency_s": None if out.ready_at is None else out.finished_at - out.ready_at,
+        },
+        "run": None if run is None else {
+            "id": run.id, "host": run.host, "pid": run.pid, "version": run.version,
+            "profile_name": run.profile_name, "started_at": iso(run.started_at),
+        },
+        "rerun": rerun_command(out, [i["path"] for i in inputs], centre["name"], model),
+    }  # fmt: skip
+
+
+def rerun_command(
+    out: Output, inputs: list[str], centre_name: str, model: ModelVersion | None
+) -> dict[str, Any]:
+    """The ``nrrn-daemon denoise`` call that reproduces an output, as argv and one shell line.
+
+    The offline command denoises every file it is given (one output per file, same name), so
+    for a triplet it writes three files; the one named like the centre slice is this output. It
+    writes into a ``rerun`` folder beside the output, so the daemon's file is not overwritten.
+    The device is the recorded one's type (``cuda:1`` → ``cuda``), as the command takes it.
+    """
+    out_dir = PurePath(out.path).parent / "rerun"
+    settings = out.settings_json
+    argv = ["nrrn-daemon", "denoise", *inputs, "--output", str(out_dir)]
+    if model is not None:
+        argv += ["--model", model.path]
+    argv += ["--inputs", str(min(len(inputs), 3))]
+    for key in ("tile", "tile_batch"):
+        if key in settings:
+            argv += ["--" + key.replace("_", "-"), str(settings[key])]
+    kind = out.device.split(":")[0]
+    argv += ["--device", kind if kind in ("cpu", "cuda") else "auto"]
+    return {
+        "command": shlex.join(argv),
+        "argv": argv,
+        "inputs": inputs,
+        "expected_output": str(out_dir / centre_name),
+        "daemon_sha256": out.sha256,
+    }

@@ -1,0 +1,246 @@
+"""Training: the eq. 3 loss, the network's modes and gradients, sampling, validation blocks, and a
+tiny NRRN really learning to denoise real FIB-SEM data on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nrrn_daemon.checkpoints import Normalisation, slice_stats
+from nrrn_daemon.denoise import Denoiser
+from nrrn_daemon.errors import InputError
+from nrrn_daemon.metrics import psnr
+from nrrn_daemon.nrrn import NRRN, NRRNConfig, n2n_loss
+from nrrn_daemon.stacks import read_stack
+from nrrn_daemon.training import (
+    TrainSettings,
+    _prepare,
+    _Sampler,
+    train,
+    validation_blocks,
+    validation_loss,
+)
+
+TINY = NRRNConfig(blocks=1, features=4)
+
+
+def _gaussian(clean: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """Gaussian noise on the 0–255 scale (the EPFL protocol), rounded and clipped to uint8."""
+    noisy = clean + np.random.default_rng(seed).normal(0.0, sigma, clean.shape)
+    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+
+
+def _noisy_stack(rng_seed: int = 0, n: int = 6, size: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(rng_seed)
+    yy, xx = np.mgrid[:size, :size]
+    clean = 100 + 60 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
+    stack = clean[None] + rng.normal(0, 20, (n, size, size))
+    return np.clip(stack, 0, 255).astype(np.uint8)
+
+
+# -- the loss and the network -------------------------------------------------------------------
+def test_loss_is_eq3_on_a_hand_computed_example() -> None:
+    def t(*values: float) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).reshape(1, 1, 1, len(values))
+
+    out_prev, out_next, prev, next_ = t(1, 2), t(3, 0), t(0, 0), t(1, 3)
+    # ½·mean((1−1)², (2−3)²) = ½·0.5 = 0.25   x'_j against x_{j+1}, the neighbour it did not see
+    # ½·mean((3−0)², (0−0)²) = ½·4.5 = 2.25   x''_j against x_{j−1}
+    # ¼·mean((1−3)², (2−0)²) = ¼·4   = 1.00   agreement of the two branches (subtracted)
+    assert n2n_loss(out_prev, out_next, prev, next_).item() == pytest.approx(0.25 + 2.25 - 1.0)
+    # Each branch is scored against the *other* neighbour: swapping the targets changes the loss:
+    # ½·mean((1−0)², (2−0)²) + ½·mean((3−1)², (0−3)²) − 1 = 1.25 + 3.25 − 1
+    assert n2n_loss(out_prev, out_next, next_, prev).item() == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("mode", ["single", "pair", "triplet", "scans"])
+def test_modes_shapes_dtypes_gradients(blocks: int, mode: str) -> None:
+    torch.manual_seed(blocks)
+    model = NRRN(blocks=blocks, features=4)
+    centre, a, b, c = (torch.randn(2, 1, 20, 24) for _ in range(4))
+    neighbours = {"single": (), "pair": (a,), "triplet": (a, b), "scans": (a, b, c)}[mode]
+    out = model(centre, *neighbours)
+    assert out.shape == (2, 1, 20, 24) and out.dtype == torch.float32
+    out.square().mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), mode
+    assert sum(g.abs().sum().item() for g in grads.values()) > 0
+    branches = model.branches(centre, list(neighbours) or [centre])
+    assert [o.shape for o in branches] == [(2, 1, 20, 24)] * max(1, len(neighbours))
+
+
+def test_centre_stem_runs_once_per_triplet_batch() -> None:
+    model = NRRN(blocks=2, features=4)
+    calls: list[int] = []
+    model.stem.register_forward_hook(lambda mod, inputs, output: calls.append(inputs[0].shape[0]))
+    centre, prev, nxt = (torch.randn(5, 1, 16, 16) for _ in range(3))
+    out_prev, out_next = model.branches(centre, [prev, nxt])
+    # One stem call on [centre, prev, next] stacked: 3·N images, not 4·N (centre twice).
+    assert calls == [15]
+    calls.clear()
+    model(centre, prev, nxt)
+    assert calls == [15]
+    # ...and it is the same function as two separate branches.
+    torch.testing.assert_close(out_prev, model.branches(centre, [prev])[0])
+    torch.testing.assert_close(out_next, model.branches(centre, [nxt])[0])
+
+
+# -- validation blocks and sampling ---------------------------------------------------------------
+@given(n=st.integers(3, 400), fraction=st.floats(0.01, 0.5))
+def test_validation_blocks_never_leak_into_training_triplets(n: int, fraction: float) -> None:
+    held = validation_blocks(n, fraction)
+    assert held == sorted(set(held)) and all(0 <= i < n for i in held)
+    assert len(held) >= min(n, max(3, int(fraction * n)))
+    runs = np.split(np.array(held), np.where(np.diff(held) != 1)[0] + 1)
+    assert all(len(r) >= 3 for r in runs)  # every block holds at least one whole triplet
+
+
+def test_training_and_validation_triplets_are_disjoint() -> None:
+    stack = _noisy_stack(n=40, size=32)
+    (src,) = _prepare([stack], TrainSettings(steps=1, validation_fraction=0.2))
+    train_slices = {i for t in src.train for i in t}
+    val_slices = {i for t in src.val for i in t}
+    assert src.val and train_slices.isdisjoint(val_slices)
+    assert src.info["validation_slices"] and src.info["train_triplets"] == len(src.train)
+    (src,) = _prepare([stack], TrainSettings(steps=1, validation_slices=(10, 11, 12)))
+    assert src.val == [(10, 11, 12)]
+    assert all({10, 11, 12}.isdisjoint(t) for t in src.train) and (8, 9, 10) not in src.train
+    with pytest.raises(InputError, match="outside"):
+        _prepare([stack], TrainSettings(steps=1, validation_slices=(40,)))
+
+
+def test_slice_mode_uses_the_whole_centre_slice_stats_like_the_denoiser() -> None:
+    stack = (_noisy_stack(n=5, size=48).astype(np.uint16) * 200).astype(np.uint16)
+    (src,) = _prepare([stack], TrainSettings(steps=1, validation_fraction=0))
+    sampler = _Sampler([src], Normalisation("slice", 0.0, 1.0), 16, augment=False, noise=None)
+    sample = sampler.sample(np.random.default_rng(4))
+    # Find which triplet/crop was drawn and redo the normalisation by hand.
+    for j in range(1, 4):
+        mean, std = slice_stats(stack[j])
+        assert Normalisation("slice").stats_for(stack[j]) == (mean, std)
+        for y in range(48 - 16 + 1):
+            for x in range(48 - 16 + 1):
+                crop = stack[j - 1 : j + 2, y : y + 16, x : x + 16].astype(np.float32)
+                if np.allclose(sample, (crop - mean) / std, atol=1e-5):
+                    return
+    pytest.fail("the sample is not a triplet crop normalised with its centre slice's stats")
+
+
+def test_noise_hook_sees_whole_triplets_and_augmentation_is_shared() -> None:
+    stack = np.repeat(_noisy_stack(n=1, size=32), 4, axis=0)  # identical slices
+    (src,) = _prepare([stack], TrainSettings(steps=1, validation_fraction=0))
+    calls: list[tuple[int, ...]] = []
+
+    def hook(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        calls.append(image.shape)
+        return image
+
+    sampler = _Sampler([src], Normalisation("dataset", 100, 30), 16, augment=True, noise=hook)
+    for seed in range(6):
+        sample = sampler.sample(np.random.default_rng(seed))
+        # Same transform on all three: identical slices stay identical after augmentation.
+        assert np.array_equal(sample[0], sample[1]) and np.array_equal(sample[1], sample[2])
+    assert calls == [(3, 32, 32)] * 6  # one call per triplet; small slices: the whole slice
+
+
+# -- training runs --------------------------------------------------------------------------------
+def test_two_slice_stack_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, _noisy_stack(n=2, size=32))
+    with pytest.raises(InputError, match="need at least 3 adjacent slices to train") as info:
+        train([read_stack([path])], TrainSettings(steps=1, device="cpu"), TINY)
+    assert f"{path} has 2" in str(info.value)
+
+
+def test_mismatched_shapes_and_dtypes_are_refused() -> None:
+    slices = [np.zeros((32, 32), np.uint8)] * 2 + [np.zeros((32, 30), np.uint8)]
+    with pytest.raises(InputError, match="same size"):
+        train([slices], TrainSettings(steps=1, device="cpu", validation_fraction=0), TINY)
+    mixed = [_noisy_stack(n=5), _noisy_stack(n=5).astype(np.uint16)]
+    with pytest.raises(InputError, match="mix dtypes"):
+        train(mixed, TrainSettings(steps=1, device="cpu", validation_fraction=0), TINY)
+    with pytest.raises(ValueError, match="budget"):
+        TrainSettings()
+
+
+def test_repeat_scan_mode_trains_and_needs_three_scans() -> None:
+    scans = _noisy_stack(n=12, size=32)  # 4 slices × 3 scans
+    settings = TrainSettings(
+        steps=3,
+        batch=2,
+        patch=24,
+        device="cpu",
+        repeat_scans=True,
+        scans_per_slice=3,
+        validation_slices=(3,),
+    )
+    ckpt, report = train([scans], settings, TINY)
+    assert report.steps == 3 and np.isfinite([v for _, v in report.loss_curve]).all()
+    assert report.val_triplets == 1 and report.train_triplets == 3
+    assert ckpt.summary["data"][0]["scans_per_slice"] == 3
+    with pytest.raises(InputError, match="≥ 3 scans"):
+        train([scans], TrainSettings(steps=1, repeat_scans=True, scans_per_slice=2), TINY)
+    with pytest.raises(InputError, match="groups of 5 scans"):
+        train([scans], TrainSettings(steps=1, repeat_scans=True, scans_per_slice=5), TINY)
+
+
+def test_minutes_budget_uint16_and_progress() -> None:
+    stack = _noisy_stack(n=8, size=32).astype(np.uint16) * 250
+    seen: list[tuple[int, int | None]] = []
+    settings = TrainSettings(
+        minutes=0.02, patch=24, batch=2, device="cpu", normalisation="slice", validation_fraction=0
+    )
+    ckpt, report = train(
+        [stack], settings, TINY, on_progress=lambda s, n, loss, t: seen.append((s, n))
+    )
+    assert report.stopped_by == "minutes" and report.steps >= 1
+    assert seen == [(s, None) for s in range(1, report.steps + 1)]
+    assert ckpt.normalisation.mode == "slice" and ckpt.summary["data"][0]["dtype"] == "uint16"
+    assert report.val_loss_start is None and report.val_loss_end is None
+
+
+def test_resume_continues_from_the_parent() -> None:
+    stack = _noisy_stack(n=12, size=40)
+    settings = TrainSettings(steps=4, batch=2, patch=24, device="cpu", validation_fraction=0.25)
+    parent, first = train([stack], settings, NRRNConfig(1, 6))
+    child, second = train([stack], settings, init=parent)
+    assert child.summary["parent_sha256"] == parent.content_sha256
+    assert child.summary["kind"] == "fine-tune" and child.config == parent.config
+    # Same held-out crops, so the child starts exactly where the parent ended.
+    assert second.val_loss_start == pytest.approx(first.val_loss_end, rel=1e-6)
+    assert child.normalisation == parent.normalisation  # same data: same dataset stats
+    with pytest.raises(ValueError, match="differs"):
+        train([stack], settings, NRRNConfig(2, 6), init=parent)
+
+
+def test_validation_loss_is_deterministic_and_scales_to_grey_levels() -> None:
+    stack = _noisy_stack(n=3, size=40)
+    triplets = [(stack[0], stack[1], stack[2])]
+    model = NRRN(1, 4)
+    norm = Normalisation("dataset", 100.0, 20.0)
+    a = validation_loss(model, triplets, norm, patch=32, crops=3, seed=5)
+    assert a == validation_loss(model, triplets, norm, patch=32, crops=3, seed=5)
+    grey = validation_loss(model, triplets, norm, patch=32, crops=3, seed=5, grey_levels=True)
+    assert grey == pytest.approx(a * 400.0, rel=1e-5)
+
+
+def test_tiny_nrrn_learns_to_denoise_real_fib25(fib25: np.ndarray) -> None:
+    """16 noisy slices of real FIB-SEM (σ = 25), a 2 BU × 16 NRRN, ~1 min of CPU."""
+    clean = fib25[100:116, 60:156, 60:156]
+    noisy = _gaussian(clean, 25.0, seed=1)
+    settings = TrainSettings(steps=120, patch=64, batch=8, device="cpu", validation_every=60)
+    ckpt, report = train([noisy], settings, NRRNConfig(blocks=2, features=16))
+    assert report.val_loss_end < report.val_loss_start
+    denoiser = Denoiser(ckpt, device="cpu", tile=None)
+    gains = []
+    for j in range(2, 14):
+        out = denoiser.denoise(noisy[j], [noisy[j - 1], noisy[j + 1]])
+        gains.append(psnr(out, clean[j]) - psnr(noisy[j], clean[j]))
+    assert np.mean(gains) >= 3.0, gains
