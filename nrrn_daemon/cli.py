@@ -55,6 +55,12 @@ def edge(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class DatabarChoice(str, Enum):
+    none = "none"
+    fei = "fei"
+    rows = "rows"
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -144,9 +150,14 @@ def train(
             on_progress=on_progress,
         )
     save_checkpoint(ckpt, out)
-    console.print(
-        f"wrote [bold]{out}[/] ({ckpt.short_sha}): {report.steps} steps in {report.seconds:.0f} s, "
+    val = (
         f"validation loss {report.val_loss_start:.4f} → {report.val_loss_end:.4f}"
+        if report.val_loss_start is not None and report.val_loss_end is not None
+        else "no validation slices held out"
+    )
+    console.print(
+        f"wrote [bold]{out}[/] ({ckpt.short_sha}): {report.steps} steps in "
+        f"{report.seconds:.0f} s ({report.stopped_by}), {val}"
     )
 
 
@@ -179,6 +190,10 @@ def denoise(
     tile: Annotated[int, typer.Option(min=32, help="Tile core size in pixels.")] = 512,
     tile_batch: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 4,
     device: Annotated[DeviceChoice, typer.Option(help="auto prefers CUDA.")] = DeviceChoice.auto,
+    databar: Annotated[
+        DatabarChoice, typer.Option(help="Info strip below slice files: kept out of the model.")
+    ] = DatabarChoice.none,
+    databar_rows: Annotated[int, typer.Option(min=0, help="With --databar rows: its height.")] = 0,
 ) -> None:
     """Denoise stacks offline: same shape and dtype out, one file per input file."""
     from .checkpoints import load_checkpoint
@@ -198,7 +213,13 @@ def denoise(
                 bar.update(task, completed=done, total=total, info=name)
 
             written = denoise_stack(
-                group, output, denoiser, inputs_per_estimate=inputs, on_slice=tick
+                group,
+                output,
+                denoiser,
+                inputs_per_estimate=inputs,
+                on_slice=tick,
+                databar=databar.value,
+                databar_rows=databar_rows,
             )
             bar.update(task, info=f"→ {written[0].parent if written else output}")
     console.print(f"done: model {ckpt.short_sha} on {denoiser.device} ({denoiser.precision})")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__
 from .denoise import Denoiser
-from .errors import OutputError
+from .errors import InputError, OutputError
 from .imageio import read_slice, safe_join, write_slice_atomic, write_stack
 from .stacks import Stack, read_stack
 
@@ -36,9 +36,14 @@ def denoise_stack(
     denoiser: Denoiser,
     *,
     inputs_per_estimate: int = 3,
+    databar: str = "none",
+    databar_rows: int = 0,
     on_slice: Callable[[int, int, str], None] | None = None,
 ) -> list[Path]:
     """Denoise one stack into ``output``; returns the written files.
+
+    ``databar``/``databar_rows`` crop the microscope's info strip off per-slice files before
+    denoising and copy it through, as the daemon does (see :func:`imageio.read_slice`).
 
     Raises
     ------
@@ -48,6 +53,11 @@ def denoise_stack(
         ``output`` is an input folder, or cannot be written.
     """
     stack = read_stack(list(inputs))
+    if databar != "none" and stack.source_kind != "files":
+        raise InputError(
+            f"--databar applies to per-slice files; {stack.paths[0]} is a multi-page stack — "
+            "omit --databar or give the slice files"
+        )
     output = Path(output)
     _refuse_input_folder(stack, output)
     output.mkdir(parents=True, exist_ok=True)
@@ -56,7 +66,10 @@ def denoise_stack(
 
     def pixels(j: int) -> np.ndarray:
         if j not in cache:
-            cache[j] = stack[j]
+            if stack.source_kind == "files":
+                cache[j] = read_slice(stack.paths[j], databar, databar_rows).pixels
+            else:
+                cache[j] = stack[j]
         return cache[j]
 
     results: list[np.ndarray] = []
@@ -66,7 +79,7 @@ def denoise_stack(
             del cache[old]
         neighbours = neighbour_indices(i, n, inputs_per_estimate)
         if stack.source_kind == "files":
-            centre = read_slice(stack.paths[i])
+            centre = read_slice(stack.paths[i], databar, databar_rows)
             out = denoiser.denoise(centre.pixels, [pixels(j) for j in neighbours])
             path = safe_join(output, stack.names[i])
             write_slice_atomic(

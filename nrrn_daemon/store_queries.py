@@ -348,6 +348,10 @@ def rerun_command(
     for key in ("tile", "tile_batch"):
         if key in settings:
             argv += ["--" + key.replace("_", "-"), str(settings[key])]
+    if settings.get("databar", "none") != "none":
+        argv += ["--databar", str(settings["databar"])]
+        if settings["databar"] == "rows":
+            argv += ["--databar-rows", str(settings.get("databar_rows", 0))]
     kind = out.device.split(":")[0]
     argv += ["--device", kind if kind in ("cpu", "cuda") else "auto"]
     return {

@@ -35,6 +35,7 @@ Slices used for training are held in memory (in their own dtype) for random acce
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -624,20 +625,10 @@ def train(
         "data": [src.info for src in sources],
         "noise": None if noise is None else getattr(noise, "description", repr(noise)),
         "settings": asdict(settings),
-        **{k: v for k, v in asdict(report).items()},
+        **asdict(report),
         "device_name": device.name,
         "torch": torch.__version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return Checkpoint.from_model(model, norm, _jsonable(summary)), report
-
-
-def _jsonable(value: Any) -> Any:
-    """Tuples → lists, numpy scalars → Python numbers (the summary is stored as JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    # Through JSON and back: tuples become lists, as they will be when read from the file.
+    return Checkpoint.from_model(model, norm, json.loads(json.dumps(summary))), report

@@ -13,7 +13,7 @@ script checks the result on z = 200–210 (Gaussian σ = 25 and Poisson peak 4) 
 Usage::
 
     OMP_NUM_THREADS=2 python scripts/train_base.py /work/shared/data/fib25/fib25_sample1_250.tif \
-        --minutes 20
+        --minutes 20 --patch 64
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("volume", type=Path, help="The FIB-25 volume (250 slices, uint8, ZYX).")
     parser.add_argument("--minutes", type=float, default=20.0, help="Training budget (wall clock).")
     parser.add_argument("--steps", type=int, default=None, help="Optional budget in steps.")
-    parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--patch", type=int, default=64, help="Crop side (CPU: more steps).")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         normalisation="slice",
         validation_slices=tuple(range(TRAIN_END, VALIDATION_END)),
-        validation_every=100,
+        validation_every=150,
     )
     config = NRRNConfig(blocks=4, features=32)
     started = time.time()
