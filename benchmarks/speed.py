@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         help="Denoiser tilings to time, TILE:BATCH comma-separated (the paper's is always added)",
     )
     parser.add_argument("--tile", type=int, default=512, help="tile for the memory runs")
-    parser.add_argument("--tile-batch", type=int, default=4, help="batch for the memory runs")
+    parser.add_argument("--tile-batch", type=int, default=1, help="batch for the memory runs")
     parser.add_argument(
         "--rss-sizes",
         default="2048x2048",

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
+from .imageio import atomic_write
 from .nrrn import NRRN, NRRNConfig
 
 FORMAT = "nrrn-daemon-checkpoint"
@@ -143,22 +142,12 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except OSError as exc:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {exc.strerror or exc} — check that the folder "
-            "exists, is writable and has free space"
-        ) from exc
+        atomic_write(
+            path, lambda fh: fh.write(buf.getbuffer()), "the previous file, if any, is unchanged"
+        )
+    except OutputError as exc:
+        raise CheckpointError(f"checkpoint not saved: {exc}") from None
     return path
 
 

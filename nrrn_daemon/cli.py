@@ -188,7 +188,9 @@ def denoise(
         int, typer.Option(min=1, max=3, help="Slices per estimate: 3 triplet, 2 pair, 1 single.")
     ] = 3,
     tile: Annotated[int, typer.Option(min=32, help="Tile core size in pixels.")] = 512,
-    tile_batch: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 4,
+    tile_batch: Annotated[
+        int | None, typer.Option(min=1, help="Tiles per forward pass (default: 4 on CUDA, 1 on CPU).")
+    ] = None,
     device: Annotated[DeviceChoice, typer.Option(help="auto prefers CUDA.")] = DeviceChoice.auto,
     databar: Annotated[
         DatabarChoice, typer.Option(help="Info strip below slice files: kept out of the model.")

@@ -38,7 +38,7 @@ from .profiles import Profile
 from .provenance import Store
 from .slices import SliceRef, parse_slice
 from .states import InputRole, ModelKind, OutputReason, SliceState
-from .triplets import TripletGrouper, Work
+from .triplets import TripletGrouper, Work, WorkMode
 from .watch import Watcher
 
 log = logging.getLogger("nrrn_daemon")
@@ -258,19 +258,20 @@ class Daemon:
         st = path.stat()
         known = self.store.get_slice(self.dataset_id, str(path))
         sha = sha256_file(path)
-        if known is not None and known.sha256 == sha and known.state == SliceState.DENOISED:
+        if known is not None and known.state == SliceState.DENOISED and known.sha256 == sha:
             # A repeat of a slice already processed (same content): not re-done.
             self.grouper.add_done(ref, self.store.current_mode(known.id) or "triplet")
             return
-        reason = None
+        changed = known is not None and known.state == SliceState.DENOISED
         try:
-            shape = tifffile.TiffFile(path).pages[0].shape
-        except Exception as exc:  # noqa: BLE001 - any decode problem is the file's
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.pages[0].shape)
+        except Exception as exc:  # noqa: BLE001 - any header problem is the file's
             self._fail(path, ref, f"cannot read TIFF header: {exc}")
             return
         if self._shape is None:
-            self._shape = tuple(shape)
-        elif tuple(shape) != self._shape:
+            self._shape = shape
+        elif shape != self._shape:
             self._fail(
                 path,
                 ref,
@@ -288,13 +289,35 @@ class Daemon:
             mtime=st.st_mtime,
             sha256=sha,
             state=SliceState.READY,
-            reason=reason,
             ready_at=now,
         )
         self.state.seen += 1
         self.on_event("ready", {"name": path.name, "index": ref.index})
+        if changed:
+            # New content under a name already denoised: a new output version, same neighbours.
+            log.warning("%s changed on disk since it was denoised: denoising it again", path.name)
+            self._run_unit(self._same_inputs_as_before(ref), OutputReason.INPUT_CHANGED)
+            return
         for item in self.grouper.add(ref, now):
             self._run_unit(item)
+
+    def _same_inputs_as_before(self, ref: SliceRef) -> Work:
+        """A unit for ``ref`` with the neighbours its current output used (those still there)."""
+        report = self.store.provenance(str(ref.path))
+        current = next(o for o in report["outputs"] if o["is_current"])
+        neighbours = []
+        for item in current["inputs"]:
+            path = Path(item["path"])
+            if item["role"] != InputRole.CENTRE.value and path.exists():
+                other = parse_slice(
+                    path, self.watch_folder, self.profile.watch, self.profile.grouping.mode
+                )
+                if isinstance(other, SliceRef):
+                    neighbours.append(other)
+        mode = current["mode"] if len(neighbours) == len(current["inputs"]) - 1 else None
+        if mode is None:
+            mode = WorkMode.PAIR if neighbours else WorkMode.SINGLE
+        return Work(centre=ref, neighbours=tuple(neighbours), mode=WorkMode(mode))
 
     def _slice_failed_on_arrival(self, path: Path, why: str) -> None:
         ref = parse_slice(path, self.watch_folder, self.profile.watch, self.profile.grouping.mode)
@@ -324,7 +347,7 @@ class Daemon:
         self.on_event("failed", {"name": path.name, "reason": why})
 
     # -- units -----------------------------------------------------------------------------
-    def _run_unit(self, item: Work) -> None:
+    def _run_unit(self, item: Work, reason: OutputReason | None = None) -> None:
         centre = item.centre
         self.state.current = centre.name
         name = self.profile.output_name(centre.name, centre.index)
@@ -355,16 +378,18 @@ class Daemon:
             return
         finally:
             self.state.current = None
-        self._record(item, record)
+        if reason is None:
+            reason = OutputReason.REDO_AS_TRIPLET if item.redo else OutputReason.FIRST
+        self._record(item, record, reason)
 
-    def _record(self, item: Work, record: OutputRecord) -> None:
+    def _record(self, item: Work, record: OutputRecord, reason: OutputReason) -> None:
         refs = [item.centre, *item.neighbours]
         rows = {r.path: self.store.get_slice(self.dataset_id, str(r.path)) for r in refs}
         roles = _roles(item)
         centre_row = rows[item.centre.path]
         assert centre_row is not None, "a slice reached the grouper without a store row"
         inputs = []
-        for ref, role in zip(refs, roles):
+        for ref, role in zip(refs, roles, strict=True):
             row = rows[ref.path]
             if row is not None:
                 inputs.append((row.id, role, row.sha256))
@@ -385,7 +410,7 @@ class Daemon:
             read_s=record.read_s,
             model_s=record.model_s,
             write_s=record.write_s,
-            reason=OutputReason.REDO_AS_TRIPLET if item.redo else OutputReason.FIRST,
+            reason=reason,
             run_id=self._run_id,
         )
         self.state.denoised += 1
@@ -394,12 +419,12 @@ class Daemon:
         log.info(
             "%s denoised (%s, model %.2f s, latency %.1f s) → %s",
             item.centre.name,
-            item.mode,
+            item.mode.value,
             record.model_s,
             latency,
             record.path,
         )
-        self.on_event("output", {"name": item.centre.name, "mode": item.mode, "latency_s": latency})
+        self.on_event("output", {"name": item.centre.name, "mode": item.mode.value, "latency_s": latency})
 
     # -- start-up and heartbeat ------------------------------------------------------------
     def _recover(self) -> None:

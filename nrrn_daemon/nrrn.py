@@ -37,7 +37,8 @@ Choices where the paper is open (see ``shared/paper/NOTES.md``):
 
 Receptive field: each BU widens the centre path by 2 px per side (a gate conv, then V_c), the
 first one by 3 (the neighbour stream's W_1 comes first), the stem and tail by 1 each, so the radius
-is 2·blocks + 3 px (measured in the tests); :attr:`NRRNConfig.halo` adds a safety margin.
+is 2·blocks + 3 px (measured in the tests); :attr:`NRRNConfig.halo` is exactly that, the
+smallest margin for which tiled inference equals whole-image inference.
 """
 
 from __future__ import annotations

@@ -290,10 +290,12 @@ class ModelSettings(BaseModel):
     """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
 
     tile: int = Field(default=512, ge=64, le=8192)
-    """Tile size in pixels; tiles overlap by a halo and are stitched back."""
+    """Tile (output core) size in pixels; each tile is read with a halo that covers the
+    network's receptive field, so the stitched slice equals whole-image inference."""
 
-    tile_batch: int = Field(default=4, ge=1, le=64)
-    """Tiles per forward pass."""
+    tile_batch: int | None = Field(default=None, ge=1, le=64)
+    """Tiles per forward pass; unset: 4 on CUDA, 1 on the CPU (where batching gains ~10 % for
+    about 4× the memory)."""
 
     @field_validator("checkpoint", mode="before")
     @classmethod

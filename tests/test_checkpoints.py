@@ -167,7 +167,7 @@ def test_failed_save_keeps_the_old_file_and_no_part(
 
     monkeypatch.setattr(os, "replace", refuse)
     other = Checkpoint.from_model(NRRN(1, 4), Normalisation())
-    with pytest.raises(CheckpointError, match="No space left"):
+    with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(other, path)
     monkeypatch.undo()
     assert path.read_bytes() == before

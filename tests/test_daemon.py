@@ -279,3 +279,20 @@ def test_status_reads_while_the_daemon_runs(tmp_path, tiny_checkpoint, volume):
     with Store(profile.store.database, readonly=True) as store:
         report = store.status()
     assert report["run"]["state"] == "ended" and report["run"]["end_reason"] == "test over"
+
+
+def test_changed_content_gives_a_new_output_version(tmp_path, tiny_checkpoint, volume):
+    profile = make_profile(tmp_path, tiny_checkpoint)
+    raw = tmp_path / "raw"
+    scope = Microscope(raw, volume[:3], NAME, interval_s=0.0, chunks=1)
+    with Running(profile) as run:
+        scope.run()
+        run.wait_for(lambda: len(set(run.outputs)) == 3)
+        first = tifffile.imread(tmp_path / "out" / NAME.format(1))
+        write_slowly(raw / NAME.format(1), encode_tiff(255 - volume[1]))
+        run.wait_for(lambda: run.outputs.count(NAME.format(1)) == 2)
+    with Store(profile.store.database, readonly=True) as store:
+        report = store.provenance(NAME.format(1))
+    versions = sorted((o["version"], o["reason"], o["mode"], o["is_current"]) for o in report["outputs"])
+    assert versions == [(1, "first", "triplet", False), (2, "input-changed", "triplet", True)]
+    assert not np.array_equal(tifffile.imread(tmp_path / "out" / NAME.format(1)), first)

@@ -215,6 +215,7 @@ def test_auto_falls_back_to_the_cpu_and_says_so() -> None:
     den = Denoiser(make_checkpoint(blocks=1))
     assert (den.device, den.precision, den.cpu_fallback) == ("cpu", "float32", True)
     assert den.device_name
+    assert (den.tile, den.tile_batch) == (512, 1), "no batching by default on the CPU"
     explicit = Denoiser(make_checkpoint(blocks=1), device="cpu")
     assert explicit.cpu_fallback is False
 
