@@ -47,7 +47,9 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--slices", type=int, default=400)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--every", type=int, default=50)
@@ -61,9 +63,12 @@ def main() -> None:
     profile = load_profile(
         "demo",
         overrides={
-            "watch.folder": str(root / "raw"), "output.folder": str(root / "out"),
-            "store.database": str(root / "db.sqlite"), "model.checkpoint": args.checkpoint,
-            "model.device": "cpu", "watch.observer": "native",
+            "watch.folder": str(root / "raw"),
+            "output.folder": str(root / "out"),
+            "store.database": str(root / "db.sqlite"),
+            "model.checkpoint": args.checkpoint,
+            "model.device": "cpu",
+            "watch.observer": "native",
         },
     )
     (root / "raw").mkdir()
@@ -89,7 +94,10 @@ def main() -> None:
         noisy = np.concatenate(
             [noisy_stack(clean, "poisson:4", seed=s) for s in range(-(-args.slices // len(clean)))]
         )[: args.slices]
-        scope = Microscope(root / "raw", noisy, "SEM Image - SliceImage - {:05d}.tif", interval_s=0.0, chunks=1)
+        scope = Microscope(
+            root / "raw", noisy, "SEM Image - SliceImage - {:05d}.tif", interval_s=0.0, chunks=1
+        )
+
         # The microscope writes ahead of the daemon, a few slices at a time.
         def play() -> None:
             for k in range(args.slices):
@@ -106,14 +114,24 @@ def main() -> None:
     half = [s for s in samples if s[0] >= args.slices // 2]
     growth = (half[-1][2] - half[0][2]) if len(half) >= 2 else float("nan")
     result = {
-        "slices": args.slices, "size": args.size, "wall_s": wall, "stop": reason,
-        "slices_per_s": args.slices / wall, "latency_s": ds["latency_s"], "samples": samples,
-        "rss_growth_second_half_mib": growth, "cpu": cpu_model(), "torch": torch.__version__,
+        "slices": args.slices,
+        "size": args.size,
+        "wall_s": wall,
+        "stop": reason,
+        "slices_per_s": args.slices / wall,
+        "latency_s": ds["latency_s"],
+        "samples": samples,
+        "rss_growth_second_half_mib": growth,
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
         "model": ds["model"],
     }
     print(f"machine: {cpu_model()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{args.slices} slices of {args.size}² in {wall:.0f} s ({args.slices / wall:.2f} slices/s), "
-          f"latency median {ds['latency_s']['median']:.2f} s, p90 {ds['latency_s']['p90']:.2f} s")
+    print(
+        f"{args.slices} slices of {args.size}² in {wall:.0f} s "
+        f"({args.slices / wall:.2f} slices/s), "
+        f"latency median {ds['latency_s']['median']:.2f} s, p90 {ds['latency_s']['p90']:.2f} s"
+    )
     print("\n| outputs | elapsed (s) | RSS (MiB) |\n|---|---|---|")
     for n, t, r in samples:
         print(f"| {n} | {t:.0f} | {r:.0f} |")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -55,13 +54,13 @@ def edge(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class DatabarChoice(str, Enum):
+class DatabarChoice(StrEnum):
     none = "none"
     fei = "fei"
     rows = "rows"
 
 
-class DeviceChoice(str, Enum):
+class DeviceChoice(StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
@@ -189,7 +188,8 @@ def denoise(
     ] = 3,
     tile: Annotated[int, typer.Option(min=32, help="Tile core size in pixels.")] = 512,
     tile_batch: Annotated[
-        int | None, typer.Option(min=1, help="Tiles per forward pass (default: 4 on CUDA, 1 on CPU).")
+        int | None,
+        typer.Option(min=1, help="Tiles per forward pass (default: 4 on CUDA, 1 on CPU)."),
     ] = None,
     device: Annotated[DeviceChoice, typer.Option(help="auto prefers CUDA.")] = DeviceChoice.auto,
     databar: Annotated[
@@ -249,7 +249,7 @@ def evaluate(
     table.add_column("slice", justify="right")
     table.add_column("PSNR (dB)", justify="right")
     table.add_column("SSIM", justify="right")
-    for i, (p, s) in enumerate(zip(result["psnr"], result["ssim"])):
+    for i, (p, s) in enumerate(zip(result["psnr"], result["ssim"], strict=True)):
         table.add_row(str(i), f"{p:.2f}", f"{s:.4f}")
     table.add_row(
         "[bold]mean", f"[bold]{result['psnr_mean']:.2f}", f"[bold]{result['ssim_mean']:.4f}"
@@ -310,12 +310,16 @@ def _as_volume(stack: Any) -> np.ndarray:
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """Plain log lines (journald adds its own timestamps)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    logging.Formatter.converter = time.localtime
+    """Rich log lines above the live view on a terminal; plain lines otherwise (journald adds
+    its own timestamps)."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False)
+        logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    else:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
 def main() -> None:

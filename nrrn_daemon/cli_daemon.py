@@ -8,7 +8,6 @@ daemon runs.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,7 +69,7 @@ def start(
     with Store(Path(prof.store.database).expanduser()) as store:
         daemon = Daemon(prof, store)
         daemon.install_signal_handlers()
-        if sys.stdout.isatty() and not burst:
+        if console.is_terminal and not burst:
             from .views import live_view
 
             with live_view(daemon, console):
@@ -110,7 +109,7 @@ def provenance(
     db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """How an output was made (inputs with hashes, model, settings, device, timings) and how to re-run it."""
+    """How an output was made (inputs, model, settings, device, timings); how to re-run it."""
     from .provenance import Store
 
     with Store(_db_path(profile, db), readonly=True) as store:
@@ -179,7 +178,7 @@ def demo(
     """Play a microscope into a temporary folder and run the daemon on it, live, with a summary."""
     from .demo import run_demo
 
-    configure_logging(False) if not sys.stdout.isatty() else None
+    configure_logging(False)
     started = time.time()
     summary = run_demo(
         slices=slices,

@@ -82,7 +82,9 @@ def run_demo(
             "store.database": str(db),
         },
     )
-    microscope = Microscope(watch, noisy, name_pattern=NAME_PATTERN, interval_s=interval, first_index=1)
+    microscope = Microscope(
+        watch, noisy, name_pattern=NAME_PATTERN, interval_s=interval, first_index=1
+    )
     done: set[str] = set()
     lock = threading.Lock()
 

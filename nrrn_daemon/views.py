@@ -70,7 +70,8 @@ def _dataset_panel(ds: dict[str, Any]) -> Panel:
     tp = ds["throughput_per_h"]
     t.add_row(
         "throughput",
-        f"{_s(tp['last_hour'], ' /h', '{:.0f}')} last hour · {_s(tp['overall'], ' /h', '{:.0f}')} overall",
+        f"{_s(tp['last_hour'], ' /h', '{:.0f}')} last hour · "
+        f"{_s(tp['overall'], ' /h', '{:.0f}')} overall",
     )
     model = ds.get("model")
     t.add_row("model", "—" if model is None else f"{model['label']} ({model['sha256'][:12]})")
@@ -110,7 +111,8 @@ def render_provenance(report: dict[str, Any], console: Console) -> None:
         t.add_row("device", out["device"])
         t.add_row(
             "timings",
-            f"read {_s(tm['read_s'], ' s', '{:.2f}')} · model {_s(tm['model_s'], ' s', '{:.2f}')} · "
+            f"read {_s(tm['read_s'], ' s', '{:.2f}')} · "
+            f"model {_s(tm['model_s'], ' s', '{:.2f}')} · "
             f"write {_s(tm['write_s'], ' s', '{:.2f}')} · latency {_s(tm['latency_s'])}",
         )
         t.add_row("finished", str(tm["finished_at"]))
@@ -182,7 +184,8 @@ def render_demo_summary(summary: dict[str, Any], console: Console, seconds: floa
     if summary["psnr_noisy"] is not None:
         t.add_row(
             "PSNR vs clean",
-            f"noisy {summary['psnr_noisy']:.2f} dB → denoised [green bold]{summary['psnr_denoised']:.2f} dB[/]",
+            f"noisy {summary['psnr_noisy']:.2f} dB → "
+            f"denoised [green bold]{summary['psnr_denoised']:.2f} dB[/]",
         )
         t.add_row(
             "SSIM vs clean",

@@ -14,7 +14,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
-FIB25 = Path(os.environ.get("NRRN_FIB25", REPO.parent / "shared" / "data" / "fib25" / "fib25_sample1_250.tif"))
+FIB25 = Path(
+    os.environ.get(
+        "NRRN_FIB25", REPO.parent / "shared" / "data" / "fib25" / "fib25_sample1_250.tif"
+    )
+)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +46,9 @@ def _no_thread_leaks():
     yield
     deadline = time.monotonic() + 5.0
     while True:
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+        leaked = [
+            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+        ]
         leaked += [
             t
             for t in threading.enumerate()

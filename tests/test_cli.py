@@ -52,7 +52,9 @@ def crop(fib25) -> np.ndarray:
 def test_denoise_multipage_keeps_shape_and_dtype(tmp_path, tiny_model, crop):
     src = tmp_path / "stack.tif"
     tifffile.imwrite(src, crop, photometric="minisblack")
-    result = invoke("denoise", src, "--output", tmp_path / "out", "--model", tiny_model, "--tile", 32)
+    result = invoke(
+        "denoise", src, "--output", tmp_path / "out", "--model", tiny_model, "--tile", 32
+    )
     assert result.exit_code == 0, result.output
     out = tifffile.imread(tmp_path / "out" / "stack.tif")
     assert out.shape == crop.shape and out.dtype == np.uint8
@@ -62,8 +64,15 @@ def test_denoise_folder_gives_one_file_per_slice_with_its_name_and_tags(tmp_path
     raw = tmp_path / "raw"
     raw.mkdir()
     for k in range(len(crop)):
-        tifffile.imwrite(raw / f"s_{k + 1}.tif", crop[k], software="SmartSEM", extratags=[(34118, "s", 0, f"AP_WD\r\nWD = {k}", True)])
-    result = invoke("denoise", raw, "--output", tmp_path / "out", "--model", tiny_model, "--inputs", 3)
+        tifffile.imwrite(
+            raw / f"s_{k + 1}.tif",
+            crop[k],
+            software="SmartSEM",
+            extratags=[(34118, "s", 0, f"AP_WD\r\nWD = {k}", True)],
+        )
+    result = invoke(
+        "denoise", raw, "--output", tmp_path / "out", "--model", tiny_model, "--inputs", 3
+    )
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == sorted(p.name for p in raw.iterdir())
@@ -79,7 +88,9 @@ def test_denoise_folder_gives_one_file_per_slice_with_its_name_and_tags(tmp_path
 def test_denoise_refuses_to_write_into_the_input_folder(tmp_path, tiny_model, crop):
     for k in range(3):
         tifffile.imwrite(tmp_path / f"s_{k}.tif", crop[k])
-    one_clear_line(invoke("denoise", tmp_path, "--output", tmp_path, "--model", tiny_model), "overwrite")
+    one_clear_line(
+        invoke("denoise", tmp_path, "--output", tmp_path, "--model", tiny_model), "overwrite"
+    )
 
 
 def test_bad_inputs_give_one_clear_line(tmp_path, tiny_model, crop):
@@ -87,17 +98,28 @@ def test_bad_inputs_give_one_clear_line(tmp_path, tiny_model, crop):
     tifffile.imwrite(good, crop, photometric="minisblack")
     cut = tmp_path / "cut.tif"
     cut.write_bytes(good.read_bytes()[:5000])
-    one_clear_line(invoke("denoise", cut, "--output", tmp_path / "o", "--model", tiny_model), "cut.tif")
-    one_clear_line(invoke("denoise", tmp_path / "nope.tif", "--output", tmp_path / "o", "--model", tiny_model), "nope.tif")
+    one_clear_line(
+        invoke("denoise", cut, "--output", tmp_path / "o", "--model", tiny_model), "cut.tif"
+    )
+    one_clear_line(
+        invoke("denoise", tmp_path / "nope.tif", "--output", tmp_path / "o", "--model", tiny_model),
+        "nope.tif",
+    )
     bad_model = tmp_path / "bad.pt"
     bad_model.write_bytes(tiny_model.read_bytes()[:-100])
-    one_clear_line(invoke("denoise", good, "--output", tmp_path / "o", "--model", bad_model), "bad.pt", "corrupt")
+    one_clear_line(
+        invoke("denoise", good, "--output", tmp_path / "o", "--model", bad_model),
+        "bad.pt",
+        "corrupt",
+    )
     # Mismatched slice shapes.
     odd = tmp_path / "odd"
     odd.mkdir()
     tifffile.imwrite(odd / "a_1.tif", crop[0])
     tifffile.imwrite(odd / "a_2.tif", crop[1, :32])
-    one_clear_line(invoke("denoise", odd, "--output", tmp_path / "o", "--model", tiny_model), "a_2.tif")
+    one_clear_line(
+        invoke("denoise", odd, "--output", tmp_path / "o", "--model", tiny_model), "a_2.tif"
+    )
     # Two slices cannot train the triplet loss.
     two = tmp_path / "two.tif"
     tifffile.imwrite(two, crop[:2], photometric="minisblack")
@@ -109,8 +131,24 @@ def test_train_writes_a_checkpoint_that_denoise_uses(tmp_path, crop):
     tifffile.imwrite(src, crop, photometric="minisblack")
     model = tmp_path / "m.pt"
     result = invoke(
-        "train", src, "--out", model, "--blocks", 1, "--features", 4, "--steps", 3, "--patch", 32,
-        "--batch", 2, "--validation", 0.0, "--device", "cpu",
+        "train",
+        src,
+        "--out",
+        model,
+        "--blocks",
+        1,
+        "--features",
+        4,
+        "--steps",
+        3,
+        "--patch",
+        32,
+        "--batch",
+        2,
+        "--validation",
+        0.0,
+        "--device",
+        "cpu",
     )
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(model)
@@ -123,7 +161,9 @@ def test_evaluate_and_metrics(tmp_path, crop):
     clean = tmp_path / "clean.tif"
     noisy = tmp_path / "noisy.tif"
     tifffile.imwrite(clean, crop, photometric="minisblack")
-    tifffile.imwrite(noisy, np.clip(crop.astype(int) + 10, 0, 255).astype(np.uint8), photometric="minisblack")
+    tifffile.imwrite(
+        noisy, np.clip(crop.astype(int) + 10, 0, 255).astype(np.uint8), photometric="minisblack"
+    )
     result = invoke("evaluate", noisy, clean, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -149,7 +189,9 @@ def test_unknown_profile_field_stops_start_naming_the_field(tmp_path):
     bad.write_text('name = "bad"\n[watch]\nfolder = "/tmp"\nsetle_s = 3\n')
     one_clear_line(invoke("start", "--profile", bad), "setle_s", "settle_s")
     one_clear_line(invoke("start", "--profile", "no-such-profile"), "no-such-profile", "helios")
-    one_clear_line(invoke("status", "--db", tmp_path / "none.sqlite"), "none.sqlite", "start the daemon")
+    one_clear_line(
+        invoke("status", "--db", tmp_path / "none.sqlite"), "none.sqlite", "start the daemon"
+    )
 
 
 def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_model, crop):
@@ -164,8 +206,12 @@ def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_model, crop):
     profile = load_profile(
         "helios",
         overrides={
-            "watch.folder": str(raw), "output.folder": str(out), "store.database": str(db),
-            "model.checkpoint": str(tiny_model), "model.device": "cpu", "watch.settle_s": 0.1,
+            "watch.folder": str(raw),
+            "output.folder": str(out),
+            "store.database": str(db),
+            "model.checkpoint": str(tiny_model),
+            "model.device": "cpu",
+            "watch.settle_s": 0.1,
         },
     )
     with Store(db) as store:
@@ -179,7 +225,11 @@ def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_model, crop):
     result = invoke("provenance", target, "--db", db, "--json")
     assert result.exit_code == 0, result.output
     (record,) = json.loads(result.output)["outputs"]
-    assert record["mode"] == "triplet" and [i["role"] for i in record["inputs"]] == ["prev", "centre", "next"]
+    assert record["mode"] == "triplet" and [i["role"] for i in record["inputs"]] == [
+        "prev",
+        "centre",
+        "next",
+    ]
     argv = record["rerun"]["argv"]
     assert argv[:2] == ["nrrn-daemon", "denoise"] and "--databar" in argv
     result = invoke(*argv[1:])

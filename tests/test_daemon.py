@@ -116,12 +116,16 @@ def current_outputs(db: Path) -> dict[str, dict]:
         "JOIN slices s ON s.id = o.centre_slice_id WHERE o.is_current"
     ).fetchall()
     con.close()
-    return {name: {"mode": mode, "version": v, "path": p, "sha": sha} for name, mode, v, p, sha in rows}
+    return {
+        name: {"mode": mode, "version": v, "path": p, "sha": sha} for name, mode, v, p, sha in rows
+    }
 
 
 @pytest.mark.parametrize("observer", ["native", "polling"])
 def test_acquisition_end_to_end(tmp_path, tiny_checkpoint, volume, observer):
-    profile = make_profile(tmp_path, tiny_checkpoint, **{"watch.observer": observer, "watch.poll_interval_s": 0.2})
+    profile = make_profile(
+        tmp_path, tiny_checkpoint, **{"watch.observer": observer, "watch.poll_interval_s": 0.2}
+    )
     scope = Microscope(tmp_path / "raw", volume, NAME, interval_s=0.1, chunks=4, chunk_pause_s=0.1)
     with Running(profile) as run:
         scope.start()
@@ -145,7 +149,9 @@ def test_acquisition_end_to_end(tmp_path, tiny_checkpoint, volume, observer):
     assert not list((tmp_path / "out").glob(".*"))
 
 
-def run_in_order(tmp_path: Path, ckpt: Path, volume: np.ndarray, order: list[int]) -> dict[str, np.ndarray]:
+def run_in_order(
+    tmp_path: Path, ckpt: Path, volume: np.ndarray, order: list[int]
+) -> dict[str, np.ndarray]:
     profile = make_profile(tmp_path, ckpt, **{"grouping.neighbour_wait_s": 30.0})
     scope = Microscope(tmp_path / "raw", volume, NAME, interval_s=0.0, chunks=1, order=order)
     scope.run()
@@ -175,7 +181,11 @@ def test_missing_slice_pairs_then_redoes_as_triplets(tmp_path, tiny_checkpoint, 
         assert outs[NAME.format(2)]["mode"] == "pair" and outs[NAME.format(4)]["mode"] == "pair"
         assert outs[NAME.format(1)]["mode"] == "triplet"
         scope.write(3)
-        run.wait_for(lambda: run.outputs.count(NAME.format(2)) == 2 and run.outputs.count(NAME.format(4)) == 2)
+        run.wait_for(
+            lambda: (
+                run.outputs.count(NAME.format(2)) == 2 and run.outputs.count(NAME.format(4)) == 2
+            )
+        )
         run.wait_for(lambda: NAME.format(3) in run.outputs)
     outs = current_outputs(profile.store.database)
     assert outs[NAME.format(3)]["mode"] == "triplet"
@@ -205,9 +215,14 @@ def test_truncated_file_fails_and_the_rest_goes_on(tmp_path, tiny_checkpoint, vo
                 ds = store.status()["datasets"][0]
             return {f["name"]: f["reason"] for f in ds["failed"]}
 
-        run.wait_for(lambda: NAME.format(4) in failed() and "slice_notanumber.tif" in failed(), timeout=40)
+        run.wait_for(
+            lambda: NAME.format(4) in failed() and "slice_notanumber.tif" in failed(), timeout=40
+        )
     reasons = failed()
-    assert "truncated" in reasons[NAME.format(4)].lower() or "cannot" in reasons[NAME.format(4)].lower()
+    assert (
+        "truncated" in reasons[NAME.format(4)].lower()
+        or "cannot" in reasons[NAME.format(4)].lower()
+    )
     assert "index" in reasons["slice_notanumber.tif"].lower()
     assert NAME.format(4) not in {p.name for p in (tmp_path / "out").iterdir()}
 
@@ -239,7 +254,9 @@ def _failed_names(db: Path) -> set[str]:
         return {f["name"] for f in store.status()["datasets"][0]["failed"]}
 
 
-def test_full_disk_keeps_the_slice_pending_and_retries(tmp_path, tiny_checkpoint, volume, monkeypatch):
+def test_full_disk_keeps_the_slice_pending_and_retries(
+    tmp_path, tiny_checkpoint, volume, monkeypatch
+):
     # A full disk cannot be made here: os.replace raises ENOSPC for the first writes.
     monkeypatch.setattr(daemon_mod, "RETRY_S", 0.3)
     failures = {"left": 2}
@@ -293,6 +310,8 @@ def test_changed_content_gives_a_new_output_version(tmp_path, tiny_checkpoint, v
         run.wait_for(lambda: run.outputs.count(NAME.format(1)) == 2)
     with Store(profile.store.database, readonly=True) as store:
         report = store.provenance(NAME.format(1))
-    versions = sorted((o["version"], o["reason"], o["mode"], o["is_current"]) for o in report["outputs"])
+    versions = sorted(
+        (o["version"], o["reason"], o["mode"], o["is_current"]) for o in report["outputs"]
+    )
     assert versions == [(1, "first", "triplet", False), (2, "input-changed", "triplet", True)]
     assert not np.array_equal(tifffile.imread(tmp_path / "out" / NAME.format(1)), first)

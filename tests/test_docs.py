@@ -15,9 +15,21 @@ COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]
 
 
 def test_every_command_is_documented():
-    assert set(COMMANDS) >= {"start", "status", "provenance", "profiles", "demo", "denoise", "train", "evaluate", "metrics"}
+    assert set(COMMANDS) >= {
+        "start",
+        "status",
+        "provenance",
+        "profiles",
+        "demo",
+        "denoise",
+        "train",
+        "evaluate",
+        "metrics",
+    }
     for name in COMMANDS:
-        assert f"### `nrrn-daemon {name}`" in README, f"README has no section for `nrrn-daemon {name}`"
+        assert f"### `nrrn-daemon {name}`" in README, (
+            f"README has no section for `nrrn-daemon {name}`"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -25,7 +37,9 @@ def test_every_option_is_documented(name):
     section = README.split(f"### `nrrn-daemon {name}`", 1)[1].split("\n### ", 1)[0]
     for param in COMMANDS[name].params:
         if param.param_type_name == "option" and param.name != "help":
-            assert any(opt in section for opt in param.opts), f"{name}: {param.opts} not in its README section"
+            assert any(opt in section for opt in param.opts), (
+                f"{name}: {param.opts} not in its README section"
+            )
 
 
 @pytest.mark.parametrize("field", [f for f, _ in profile_field_docs()])

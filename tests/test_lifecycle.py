@@ -83,7 +83,9 @@ def wait_until(predicate, timeout: float, proc: subprocess.Popen | None = None) 
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"daemon exited early: {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(
+                f"daemon exited early: {proc.stdout.read() if proc.stdout else ''}"
+            )
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
 
@@ -92,7 +94,9 @@ def test_sigterm_exits_zero_within_ten_seconds(tmp_path, checkpoint):
     profile = write_profile(tmp_path, checkpoint)
     db = tmp_path / "state" / "db.sqlite"
     rng = np.random.default_rng(1)
-    Microscope(tmp_path / "raw", rng.integers(0, 255, (4, 64, 64), dtype=np.uint8), NAME, interval_s=0).run()
+    Microscope(
+        tmp_path / "raw", rng.integers(0, 255, (4, 64, 64), dtype=np.uint8), NAME, interval_s=0
+    ).run()
     proc = start(profile)
     try:
         wait_until(lambda: len(query(db, "SELECT id FROM outputs")) >= 2, 60, proc)
@@ -104,16 +108,20 @@ def test_sigterm_exits_zero_within_ten_seconds(tmp_path, checkpoint):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    (reason, ended), = query(db, "SELECT end_reason, ended_at FROM runs")
+    ((reason, ended),) = query(db, "SELECT end_reason, ended_at FROM runs")
     assert reason == "SIGTERM" and ended is not None
 
 
-def test_sigkill_at_any_point_then_restart_leaves_one_current_output_per_slice(tmp_path, checkpoint):
+def test_sigkill_at_any_point_then_restart_leaves_one_current_output_per_slice(
+    tmp_path, checkpoint
+):
     profile = write_profile(tmp_path, checkpoint)
     db = tmp_path / "state" / "db.sqlite"
     rng = np.random.default_rng(2)
     volume = rng.integers(0, 255, (10, 96, 96), dtype=np.uint8)
-    scope = Microscope(tmp_path / "raw", volume, NAME, interval_s=0.15, chunks=2, chunk_pause_s=0.05)
+    scope = Microscope(
+        tmp_path / "raw", volume, NAME, interval_s=0.15, chunks=2, chunk_pause_s=0.05
+    )
     scope.start()
     try:
         # Kill at different moments: during start-up, mid-acquisition, mid-processing.
