@@ -327,4 +327,5 @@ def main() -> None:
     app()
 
 
-from . import cli_daemon  # noqa: E402,F401  (registers the daemon's commands on `app`)
+# Registers the daemon's commands, then `finetune` and `models`, on `app`.
+from . import cli_daemon, cli_models  # noqa: E402,F401

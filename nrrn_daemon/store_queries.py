@@ -25,7 +25,15 @@ from nrrn_daemon.states import (
     RunLiveness,
     SliceState,
 )
-from nrrn_daemon.store_models import Dataset, ModelVersion, Output, OutputInput, Run, Slice
+from nrrn_daemon.store_models import (
+    Dataset,
+    FinetuneRun,
+    ModelVersion,
+    Output,
+    OutputInput,
+    Run,
+    Slice,
+)
 
 HOUR_S = 3600.0
 
@@ -168,7 +176,99 @@ def _dataset_status(
         "device": device,
         "cpu_fallback": device is not None and device.split(":")[0] == "cpu",
         "next_finetune": next_finetune,
+        "finetunes": _finetunes(session, ds.id, FINETUNE_HISTORY),
     }
+
+
+FINETUNE_HISTORY = 5
+"""How many of a data set's latest fine-tunes ``status`` lists."""
+
+
+def _finetunes(session: Session, dataset_id: int, limit: int | None) -> list[dict[str, Any]]:
+    """The data set's latest fine-tunes, newest first, with the gate's validation metrics."""
+    query = (
+        select(FinetuneRun)
+        .where(FinetuneRun.dataset_id == dataset_id)
+        .order_by(FinetuneRun.started_at.desc(), FinetuneRun.id.desc())
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    out = []
+    for run in session.scalars(query):
+        summary = run.summary_json or {}
+        candidate = (
+            session.get(ModelVersion, run.candidate_model_id) if run.candidate_model_id else None
+        )
+        parent = session.get(ModelVersion, run.parent_model_id) if run.parent_model_id else None
+        out.append({
+            "id": run.id, "status": run.status.value, "started_at": iso(run.started_at),
+            "ended_at": iso(run.ended_at), "promoted": run.promoted,
+            "parent": None if parent is None else parent.label,
+            "candidate": None if candidate is None else candidate.label,
+            "val_loss_parent": (summary.get("parent_metrics") or {}).get("val_loss"),
+            "val_loss_candidate": (summary.get("candidate_metrics") or {}).get("val_loss"),
+            "steps": summary.get("steps"), "seconds": summary.get("seconds"),
+            "device": summary.get("device"), "reasons": summary.get("reasons"),
+            "error": summary.get("error"),
+        })  # fmt: skip
+    return out
+
+
+def models_report(session: Session, *, dataset: str | None, where: str) -> dict[str, Any]:
+    """Every model version per data set (oldest first) and its fine-tune runs.
+
+    Returns
+    -------
+    dict
+        ``datasets``: one dict each with ``name``, ``current`` (label or ``None``: the
+        profile's ``model.checkpoint``), ``models`` (``label``, ``sha256``, ``kind``, ``parent``
+        (label, or the sha256 prefix when the parent is not recorded), ``created_at``,
+        ``promoted_at``, ``metrics``, ``current``, ``path``) and ``finetunes`` (newest first).
+
+    Raises
+    ------
+    StoreError
+        ``dataset`` names no data set.
+    """
+    query = select(Dataset).order_by(Dataset.name)
+    if dataset is not None:
+        query = query.where(Dataset.name == dataset)
+    datasets = list(session.scalars(query))
+    if dataset is not None and not datasets:
+        known = ", ".join(session.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
+        raise StoreError(f"no data set named {dataset!r} in {where} (known: {known})")
+    labels = {
+        sha: label
+        for sha, label in session.execute(select(ModelVersion.sha256, ModelVersion.label))
+    }
+    report = []
+    for ds in datasets:
+        used = select(Output.model_version_id).where(Output.dataset_id == ds.id)
+        parents = select(FinetuneRun.parent_model_id).where(FinetuneRun.dataset_id == ds.id)
+        rows = session.scalars(
+            select(ModelVersion)
+            .where(
+                (ModelVersion.dataset_id == ds.id)
+                | ModelVersion.id.in_(used)
+                | ModelVersion.id.in_(parents)
+                | (ModelVersion.id == ds.current_model_id)
+            )
+            .order_by(ModelVersion.created_at, ModelVersion.id)
+        )
+        models = [
+            {
+                "id": m.id, "label": m.label, "sha256": m.sha256, "kind": m.kind.value,
+                "parent": None if m.parent_sha256 is None
+                else labels.get(m.parent_sha256, m.parent_sha256[:12]),
+                "created_at": iso(m.created_at), "promoted_at": iso(m.promoted_at),
+                "metrics": m.metrics_json, "current": m.id == ds.current_model_id, "path": m.path,
+            }
+            for m in rows
+        ]  # fmt: skip
+        current = next((m["label"] for m in models if m["current"]), None)
+        report.append({"name": ds.name, "current": current, "models": models,
+                       "finetunes": _finetunes(session, ds.id, None)})  # fmt: skip
+    return {"database": where, "datasets": report}
 
 
 def _latency(session: Session, dataset_id: int, last: Output | None) -> dict[str, Any]:

@@ -80,6 +80,11 @@ def _dataset_panel(ds: dict[str, Any]) -> Panel:
         device += "  [yellow bold]CPU — no GPU in use, slower[/]"
     t.add_row("device", device)
     t.add_row("next fine-tune", str(ds.get("next_finetune") or "not scheduled"))
+    for ft in ds.get("finetunes", [])[:3]:
+        losses = ""
+        if ft.get("val_loss_candidate") is not None:
+            losses = f" · val loss {ft['val_loss_parent']:.4g} → {ft['val_loss_candidate']:.4g}"
+        t.add_row("fine-tune", f"{ft['started_at']} {ft['status']} {ft['candidate'] or ''}{losses}")
     if ds.get("last_output"):
         t.add_row("last output", f"{ds['last_output']['path']} at {ds['last_output']['at']}")
     for f in ds.get("failed", []):

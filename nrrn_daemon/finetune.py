@@ -1,0 +1,426 @@
+"""One fine-tune of a data set's model on its own raw slices, and the gate that decides promotion.
+
+Flow (``nrrn-daemon finetune``, or the daemon's nightly job, which runs :func:`child_main` in a
+subprocess): :func:`run_finetune` reads the data set's slices from the store (read-only), trains
+from the parent checkpoint with :func:`nrrn_daemon.training.train` within a time budget, saves the
+candidate atomically as ``models/<data set>/<sha12>.pt`` beside the database, and :func:`judge`
+compares candidate and parent. The result is a plain JSON-able :class:`FinetuneResult`; whoever
+owns the database (the daemon, or the CLI when no daemon runs) records it with
+:func:`record_result`. A crash or ``kill -9`` at any point leaves no half-written checkpoint
+(atomic write) and the current model untouched (only :func:`record_result` changes it).
+
+Data: only **raw** slices (state ``ready`` or ``denoised``, never outputs), by index; in
+repeat-scan data sets one scan per index is used (adjacent indices still carry the same signal
+with independent noise). Slices are split into runs of consecutive indices (a gap breaks a
+triplet); runs too short to leave a training triplet outside their validation blocks are skipped.
+At most :data:`MAX_SLICES` slices (the newest) are loaded. Validation slices are
+:func:`~nrrn_daemon.training.validation_blocks` of each run, exactly as ``train`` holds them out.
+
+The promotion gate (:func:`judge`), on the same validation triplets for both models:
+
+1. **N2N validation loss** in grey levels (``grey_levels=True``: the two models may normalise
+   differently), same crops and seed: the candidate must be strictly lower.
+2. **Noise left** (no reference): median wavelet-MAD σ (:func:`~nrrn_daemon.metrics.estimate_noise`)
+   of the denoised validation centres may not exceed the parent's by more than
+   :data:`NOISE_TOLERANCE` (relative) — a candidate that denoises less is refused.
+3. **Over-smoothing**: the residual (input − output) of a good denoiser is the noise, which is
+   white (independent pixels); structure the model wrongly removed (edges, membranes) is
+   spatially correlated. :func:`residual_structure` (|mean lag-1 autocorrelation| of the residual)
+   of the candidate may not exceed the parent's by more than :data:`RESIDUAL_TOLERANCE`. (This
+   needs no signal estimate, so a poor parent does not bias it; scan-line-correlated noise
+   raises both models' value alike.)
+
+Checks 2 and 3 run on central crops (≤ :data:`CHECK_CROP` px) of up to :data:`CHECK_TRIPLETS`
+validation triplets, to stay cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoints import BASE_CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
+from .errors import InputError, NRRNError
+from .imageio import DatabarMode, atomic_write, read_slice
+from .metrics import estimate_noise
+from .provenance import Store
+from .states import FinetuneStatus, ModelKind, SliceState
+from .training import TrainSettings, Triplet, train, validation_blocks, validation_loss
+
+log = logging.getLogger("nrrn_daemon.finetune")
+
+MAX_SLICES = 400
+"""At most this many (newest) raw slices are loaded for one fine-tune."""
+NOISE_TOLERANCE = 0.05
+"""Relative increase of the residual-noise estimate a candidate may show (5 %)."""
+RESIDUAL_TOLERANCE = 0.05
+"""Absolute increase of the residual's lag-1 autocorrelation a candidate may show."""
+CHECK_TRIPLETS = 4
+CHECK_CROP = 256
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """Everything one fine-tune needs; JSON-able, so the daemon can hand it to a subprocess."""
+
+    db: str
+    dataset: str
+    parent: str
+    models_dir: str
+    minutes: float
+    validation_fraction: float = 0.1
+    steps: int | None = None
+    device: str = "auto"
+    databar: str = "none"
+    databar_rows: int = 0
+    patch: int = 96
+    batch: int = 8
+    seed: int = 0
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tune did (JSON-able). ``status`` is ``promoted``, ``rejected`` or ``failed``."""
+
+    status: str
+    dataset: str
+    parent_path: str
+    parent_sha256: str | None = None
+    candidate_path: str | None = None
+    candidate_sha256: str | None = None
+    candidate_config: dict[str, Any] | None = None
+    reasons: list[str] = field(default_factory=list)
+    parent_metrics: dict[str, float] = field(default_factory=dict)
+    candidate_metrics: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    device: str = ""
+    train_slices: int = 0
+    validation_triplets: int = 0
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> FinetuneResult:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class Verdict:
+    """The promotion gate's decision, its reasons and both models' metrics."""
+
+    promote: bool
+    reasons: list[str]
+    parent: dict[str, float]
+    candidate: dict[str, float]
+
+
+# -- data ---------------------------------------------------------------------------------------
+class SliceStack:
+    """Raw slice files of consecutive indices, read lazily (databar cropped), for ``train``."""
+
+    def __init__(self, paths: Sequence[Path], databar: DatabarMode, databar_rows: int) -> None:
+        self.paths = list(paths)
+        self._databar, self._rows = databar, databar_rows
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return read_slice(self.paths[index], self._databar, self._rows).pixels
+
+
+def _trainable(n: int, fraction: float) -> bool:
+    """Does a run of ``n`` slices keep a training triplet outside its validation blocks?"""
+    held = set(validation_blocks(n, fraction, 3))
+    return any(held.isdisjoint((j - 1, j, j + 1)) for j in range(1, n - 1))
+
+
+def raw_runs(store: Store, dataset_id: int, fraction: float) -> list[list[Path]]:
+    """The data set's raw slice paths in runs of consecutive indices that can train.
+
+    Raises
+    ------
+    InputError
+        No run of consecutive slices is long enough.
+    """
+    rows = store.slices_in_state(dataset_id, [SliceState.READY, SliceState.DENOISED])
+    by_index: dict[int, Path] = {}
+    for row in rows:  # ordered by index then scan: the first scan of each index
+        if row.index >= 0 and Path(row.path).is_file():
+            by_index.setdefault(row.index, Path(row.path))
+    indices = sorted(by_index)[-MAX_SLICES:]
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    usable = [[by_index[i] for i in run] for run in runs if _trainable(len(run), fraction)]
+    if not usable:
+        raise InputError(
+            f"data set {dataset_id} has {len(indices)} raw slices but no run of consecutive "
+            "indices long enough to train and validate on — wait for more slices"
+        )
+    return usable
+
+
+def held_out_triplets(stacks: Sequence[SliceStack], fraction: float) -> list[Triplet]:
+    """The validation triplets ``train`` holds out (whole triplets inside validation blocks)."""
+    out: list[Triplet] = []
+    for stack in stacks:
+        held = set(validation_blocks(len(stack), fraction, 3))
+        for j in range(1, len(stack) - 1):
+            if held.issuperset((j - 1, j, j + 1)):
+                out.append((stack[j - 1], stack[j], stack[j + 1]))
+    if len(out) > 16:  # as train(): evenly chosen, validation stays cheap
+        pick = np.linspace(0, len(out) - 1, 16).round().astype(int)
+        out = [out[i] for i in pick]
+    return out
+
+
+# -- the gate -----------------------------------------------------------------------------------
+def _centre_crop(images: Triplet, side: int) -> Triplet:
+    h, w = images[1].shape
+    ph, pw = min(side, h), min(side, w)
+    y, x = (h - ph) // 2, (w - pw) // 2
+    a, b, c = (im[y : y + ph, x : x + pw] for im in images)
+    return a, b, c
+
+
+def residual_structure(residual: np.ndarray) -> float:
+    """|Mean lag-1 autocorrelation| (rows and columns) of a residual: ~0 for white noise.
+
+    Structure a denoiser removed (edges, membranes, texture) is spatially correlated, so an
+    over-smoothing model leaves a residual whose neighbouring pixels correlate (positive); a
+    model that adds checkerboard or ringing gives a negative one. Either is structure.
+    """
+    r = np.asarray(residual, dtype=np.float64)
+    r = r - r.mean()
+    var = float((r * r).mean())
+    if var == 0:
+        return 0.0
+    rows = float((r[:, 1:] * r[:, :-1]).mean()) / var
+    cols = float((r[1:, :] * r[:-1, :]).mean()) / var
+    return abs(rows + cols) / 2
+
+
+def judge(
+    parent: Checkpoint,
+    candidate: Checkpoint,
+    triplets: Sequence[Triplet],
+    *,
+    device: str = "auto",
+    patch: int = 128,
+    crops: int = 2,
+    seed: int = 0,
+) -> Verdict:
+    """Decide whether ``candidate`` replaces ``parent`` (see the module docstring for the rules).
+
+    Parameters
+    ----------
+    parent, candidate
+        The model in service and the fine-tuned one.
+    triplets
+        Held-out ``(prev, centre, next)`` raw slices, never trained on.
+    device, patch, crops, seed
+        Where to run, and the validation crops (identical for both models).
+
+    Raises
+    ------
+    InputError
+        No validation triplet.
+    """
+    from .denoise import Denoiser
+
+    if not triplets:
+        raise InputError("no validation triplet to judge the candidate on — need more slices")
+    checks = [_centre_crop(t, CHECK_CROP) for t in triplets[:CHECK_TRIPLETS]]
+    outputs: dict[str, list[np.ndarray]] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    for name, ckpt in (("parent", parent), ("candidate", candidate)):
+        den = Denoiser(ckpt, device=device, tile=None)
+        loss = validation_loss(
+            den.model, triplets, ckpt.normalisation, patch=patch, crops=crops, seed=seed,
+            grey_levels=True,
+        )  # fmt: skip
+        outputs[name] = [den.denoise(c, [p, n]).astype(np.float64) for p, c, n in checks]
+        metrics[name] = {
+            "val_loss": float(loss),
+            "noise_sigma": float(np.median([estimate_noise(o) for o in outputs[name]])),
+        }
+    for name in ("parent", "candidate"):
+        metrics[name]["residual_structure"] = float(
+            np.mean([residual_structure(c.astype(np.float64) - o)
+                     for (_, c, _), o in zip(checks, outputs[name], strict=True)])
+        )  # fmt: skip
+    p, c = metrics["parent"], metrics["candidate"]
+    reasons = []
+    if not c["val_loss"] < p["val_loss"]:
+        reasons.append(
+            f"validation loss {c['val_loss']:.4g} not below parent's {p['val_loss']:.4g}"
+        )
+    if c["noise_sigma"] > p["noise_sigma"] * (1 + NOISE_TOLERANCE) + 1e-6:
+        reasons.append(
+            f"noise left σ {c['noise_sigma']:.3g} above parent's {p['noise_sigma']:.3g} "
+            f"(+{NOISE_TOLERANCE:.0%} allowed)"
+        )
+    if c["residual_structure"] > p["residual_structure"] + RESIDUAL_TOLERANCE:
+        reasons.append(
+            f"residual has structure (lag-1 autocorrelation {c['residual_structure']:.3f} vs "
+            f"parent's {p['residual_structure']:.3f}): over-smoothing"
+        )
+    if not reasons:
+        reasons.append(f"validation loss {c['val_loss']:.4g} < parent's {p['val_loss']:.4g}")
+        return Verdict(True, reasons, p, c)
+    return Verdict(False, reasons, p, c)
+
+
+# -- the run ------------------------------------------------------------------------------------
+def slug(name: str) -> str:
+    """A folder-safe name for a data set (its name is usually its watch folder's path)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")[-80:] or "dataset"
+
+
+def run_finetune(job: FinetuneJob) -> FinetuneResult:
+    """Fine-tune ``job.parent`` on the data set's raw slices and judge the candidate.
+
+    Reads the database read-only; writes only the candidate checkpoint (atomically).
+
+    Raises
+    ------
+    NRRNError
+        Unknown data set, too few slices, unreadable checkpoint or slice, training diverged.
+    """
+    with Store(job.db, readonly=True) as store:
+        ids = store.dataset_ids()
+        if job.dataset not in ids:
+            known = ", ".join(sorted(ids)) or "none"
+            raise InputError(f"no data set {job.dataset!r} in {job.db} (known: {known})")
+        runs = raw_runs(store, ids[job.dataset], job.validation_fraction)
+    databar: DatabarMode = job.databar  # type: ignore[assignment]
+    stacks = [SliceStack(run, databar, job.databar_rows) for run in runs]
+    parent = load_checkpoint(Path(job.parent))
+    settings = TrainSettings(
+        steps=job.steps, minutes=job.minutes, patch=job.patch, batch=job.batch, seed=job.seed,
+        device=job.device, validation_fraction=job.validation_fraction,
+    )  # fmt: skip
+    ckpt, report = train(stacks, settings, init=parent)
+    triplets = held_out_triplets(stacks, job.validation_fraction)
+    verdict = judge(parent, ckpt, triplets, device=job.device, seed=job.seed)
+    out = Path(job.models_dir) / slug(job.dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_checkpoint(ckpt, out / f"{ckpt.content_sha256[:12]}.pt")
+    return FinetuneResult(
+        status=(FinetuneStatus.PROMOTED if verdict.promote else FinetuneStatus.REJECTED).value,
+        dataset=job.dataset,
+        parent_path=job.parent,
+        parent_sha256=parent.content_sha256,
+        candidate_path=str(path),
+        candidate_sha256=ckpt.content_sha256,
+        candidate_config=ckpt.config.to_dict(),
+        reasons=verdict.reasons,
+        parent_metrics=verdict.parent,
+        candidate_metrics=verdict.candidate,
+        steps=report.steps,
+        seconds=report.seconds,
+        device=report.device,
+        train_slices=sum(len(s) for s in stacks),
+        validation_triplets=len(triplets),
+    )
+
+
+def failed_result(job: FinetuneJob, error: str) -> FinetuneResult:
+    """The result of a run that stopped with an error (or whose process died)."""
+    return FinetuneResult(
+        status=FinetuneStatus.FAILED.value, dataset=job.dataset, parent_path=job.parent,
+        error=error,
+    )  # fmt: skip
+
+
+# -- recording (by the database's one writer) ---------------------------------------------------
+def _model_id(store: Store, path: str, ckpt_sha: str, config: dict[str, Any], **extra: Any) -> int:
+    base = Path(path).resolve() == BASE_CHECKPOINT.resolve()
+    return store.ensure_model(
+        sha256=ckpt_sha,
+        path=path,
+        label=extra.pop("label", None) or f"{'base' if base else 'model'}-{ckpt_sha[:12]}",
+        kind=ModelKind.BASE if base else ModelKind.FINETUNED,
+        config=config,
+        **extra,
+    )
+
+
+def begin(store: Store, job: FinetuneJob, pid: int, requested_by: str) -> int:
+    """Record a fine-tune as running (with the parent model); return its id."""
+    ids = store.dataset_ids()
+    if job.dataset not in ids:
+        raise InputError(f"no data set {job.dataset!r} in {store.path}")
+    parent = load_checkpoint(Path(job.parent))
+    parent_id = _model_id(
+        store, job.parent, parent.content_sha256, parent.config.to_dict(),
+        parent_sha256=parent.summary.get("parent_sha256"),
+    )  # fmt: skip
+    summary = {"pid": pid, "host": socket.gethostname(), "requested_by": requested_by,
+               "job": asdict(job)}  # fmt: skip
+    return store.start_finetune(ids[job.dataset], parent_id, summary)
+
+
+def record_result(store: Store, finetune_id: int, result: FinetuneResult) -> int | None:
+    """Record a fine-tune's result; on promotion make the candidate the data set's model.
+
+    Returns
+    -------
+    int or None
+        The candidate's model id (``None`` when the run failed before saving one).
+    """
+    dataset_id = store.dataset_ids()[result.dataset]
+    candidate_id = None
+    if result.candidate_path and result.candidate_sha256:
+        candidate_id = _model_id(
+            store, result.candidate_path, result.candidate_sha256, result.candidate_config or {},
+            label=f"ft-{result.candidate_sha256[:8]}", parent_sha256=result.parent_sha256,
+            metrics={**result.candidate_metrics, "parent": result.parent_metrics,
+                     "steps": result.steps, "seconds": result.seconds},
+            dataset_id=dataset_id,
+        )  # fmt: skip
+    promoted = result.status == FinetuneStatus.PROMOTED.value and candidate_id is not None
+    store.end_finetune(finetune_id, FinetuneStatus(result.status), candidate_id, asdict(result))
+    if promoted:
+        assert candidate_id is not None
+        store.set_current_model(dataset_id, candidate_id, promoted=True)
+    return candidate_id
+
+
+# -- the subprocess -----------------------------------------------------------------------------
+def child_main(argv: Sequence[str]) -> int:
+    """``python -m nrrn_daemon.finetune JOB.json RESULT.json``: run a job, write its result.
+
+    The result file is written atomically; it holds a ``failed`` result when the run raised an
+    expected error. Exit code 0 when a result was written.
+    """
+    job_path, result_path = Path(argv[0]), Path(argv[1])
+    job = FinetuneJob(**json.loads(job_path.read_text()))
+    try:
+        result = run_finetune(job)
+    except NRRNError as exc:
+        result = failed_result(job, str(exc))
+    data = result.to_json().encode()
+    atomic_write(result_path, lambda fh: fh.write(data), "no result written")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - run by the daemon as a subprocess
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s finetune %(message)s")
+    sys.exit(child_main(sys.argv[1:]))

@@ -1,0 +1,282 @@
+"""Fine-tuning on a data set's raw slices: the run, the promotion gate, crash safety, the daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from apscheduler.triggers.interval import IntervalTrigger
+
+from nrrn_daemon.checkpoints import Checkpoint, Normalisation, load_checkpoint, save_checkpoint
+from nrrn_daemon.daemon import REQUEST_SUFFIX, Daemon
+from nrrn_daemon.denoise import Denoiser
+from nrrn_daemon.finetune import (
+    FinetuneJob,
+    begin,
+    held_out_triplets,
+    judge,
+    raw_runs,
+    record_result,
+    residual_structure,
+    run_finetune,
+)
+from nrrn_daemon.metrics import psnr
+from nrrn_daemon.noise import noisy_stack
+from nrrn_daemon.nrrn import NRRN
+from nrrn_daemon.provenance import Store
+from nrrn_daemon.training import validation_blocks
+
+SLICES, SIDE, FRACTION = 24, 64, 0.2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two shared cores: one torch thread is several times faster than two fighting ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_dataset(folder: Path, noisy: np.ndarray, parent: Path) -> Path:
+    """Raw slice files recorded (ready) in a fresh database; returns the database path."""
+    (folder / "raw").mkdir(parents=True)
+    db = folder / "state" / "db.sqlite"
+    with Store(db) as store:
+        ds = store.ensure_dataset("ds", str(folder / "raw"), "test")
+        for i, image in enumerate(noisy):
+            path = folder / "raw" / f"slice_{i:04d}.tif"
+            tifffile.imwrite(path, image)
+            store.upsert_slice(ds, path=str(path), name=path.name, index=i, scan=None,
+                               size=path.stat().st_size, mtime=path.stat().st_mtime, sha256="x",
+                               state="ready")  # fmt: skip
+    return db
+
+
+def tiny_parent(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = NRRN(blocks=1, features=8)
+    return save_checkpoint(Checkpoint.from_model(model, Normalisation("slice", 0.0, 1.0)), path)
+
+
+@pytest.fixture(scope="module")
+def fib_crop(fib25: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    clean = np.ascontiguousarray(fib25[100 : 100 + SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
+    return clean, noisy_stack(clean, "poisson:4", seed=1)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory, fib_crop) -> dict:
+    """One real short fine-tune on the noisy FIB-25 crop, recorded like the CLI does."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("ft")
+    parent = tiny_parent(folder / "parent.pt")
+    db = make_dataset(folder, fib_crop[1], parent)
+    job = FinetuneJob(
+        db=str(db), dataset="ds", parent=str(parent), models_dir=str(folder / "models"),
+        minutes=1.0, steps=80, device="cpu", patch=48, batch=4, validation_fraction=FRACTION,
+    )  # fmt: skip
+    with Store(db) as store:
+        ft_id = begin(store, job, os.getpid(), "test")
+        result = run_finetune(job)
+        record_result(store, ft_id, result)
+    return {"db": db, "parent": parent, "job": job, "result": result, "folder": folder}
+
+
+def test_a_short_finetune_on_fib25_improves_validation_loss_and_psnr(finetuned, fib_crop) -> None:
+    result = finetuned["result"]
+    assert result.status == "promoted", result.reasons
+    assert result.candidate_metrics["val_loss"] < result.parent_metrics["val_loss"]
+    assert result.steps == 80 and result.device == "cpu" and result.validation_triplets >= 1
+    # Against the clean volume, on a held-out slice (never trained on).
+    clean, noisy = fib_crop
+    held = validation_blocks(SLICES, FRACTION, 3)
+    j = held[len(held) // 2]
+    scores = {}
+    for name, path in (("parent", result.parent_path), ("candidate", result.candidate_path)):
+        out = Denoiser(load_checkpoint(path), device="cpu", tile=None).denoise(
+            noisy[j], [noisy[j - 1], noisy[j + 1]]
+        )
+        scores[name] = psnr(out, clean[j])
+    assert scores["candidate"] > scores["parent"] + 1.0, scores
+    assert scores["candidate"] > psnr(noisy[j], clean[j]), "the fine-tuned model denoises"
+
+
+def test_the_run_is_recorded_and_every_version_kept(finetuned) -> None:
+    result = finetuned["result"]
+    candidate = Path(result.candidate_path)
+    assert candidate.parent == finetuned["folder"] / "models" / "ds"
+    assert candidate.name == f"{result.candidate_sha256[:12]}.pt"
+    assert not list(candidate.parent.glob(".*.part"))
+    with Store(finetuned["db"], readonly=True) as store:
+        report = store.models("ds")["datasets"][0]
+        status = store.status("ds")["datasets"][0]
+    labels = {m["label"]: m for m in report["models"]}
+    cand = labels[f"ft-{result.candidate_sha256[:8]}"]
+    assert cand["current"] and cand["kind"] == "finetuned" and cand["promoted_at"]
+    assert cand["metrics"]["val_loss"] == pytest.approx(result.candidate_metrics["val_loss"])
+    assert cand["parent"] == f"model-{result.parent_sha256[:12]}"
+    assert report["current"] == cand["label"]
+    (ft,) = report["finetunes"]
+    assert ft["status"] == "promoted" and ft["steps"] == 80 and ft["device"] == "cpu"
+    assert ft["val_loss_candidate"] < ft["val_loss_parent"] and ft["ended_at"]
+    assert status["finetunes"][0]["id"] == ft["id"]
+
+
+def test_the_gate_rejects_a_worse_candidate(finetuned) -> None:
+    job = finetuned["job"]
+    with Store(job.db, readonly=True) as store:
+        runs = raw_runs(store, store.dataset_ids()["ds"], FRACTION)
+    from nrrn_daemon.finetune import SliceStack
+
+    triplets = held_out_triplets([SliceStack(r, "none", 0) for r in runs], FRACTION)
+    good = load_checkpoint(finetuned["result"].candidate_path)
+    random = load_checkpoint(tiny_parent(finetuned["folder"] / "random.pt", seed=5))
+    verdict = judge(good, random, triplets, device="cpu")
+    assert not verdict.promote
+    assert any("validation loss" in r for r in verdict.reasons)
+    assert judge(random, good, triplets, device="cpu").promote
+
+
+def test_residual_structure_tells_noise_from_removed_edges() -> None:
+    rng = np.random.default_rng(0)
+    assert abs(residual_structure(rng.normal(size=(64, 64)))) < 0.05
+    ramp = np.add.outer(np.arange(64.0), np.arange(64.0))
+    edges = np.where(ramp % 16 < 8, 10.0, -10.0) + rng.normal(size=(64, 64))
+    assert residual_structure(edges) > 0.5
+
+
+def write_profile(folder: Path, parent: Path, **finetune: object) -> Path:
+    extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in finetune.items())
+    text = f"""
+name = "ftest"
+[watch]
+folder = "{folder / "raw"}"
+glob = "slice_*.tif"
+index_regex = 'slice_(?P<index>\\d+)\\.tif$'
+observer = "polling"
+poll_interval_s = 0.1
+settle_s = 0.2
+rescan_interval_s = 1.0
+[grouping]
+neighbour_wait_s = 1.0
+[output]
+folder = "{folder / "out"}"
+[store]
+database = "{folder / "state" / "db.sqlite"}"
+[model]
+checkpoint = "{parent}"
+device = "cpu"
+tile = 64
+[finetune]
+{extra}
+"""
+    path = folder / "ftest.toml"
+    path.write_text(text)
+    return path
+
+
+def finetune_rows(db: Path) -> list[tuple]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT id, status, candidate_model_id FROM finetune_runs").fetchall()
+    finally:
+        con.close()
+
+
+def test_kill_9_during_a_finetune_keeps_the_current_model(tmp_path: Path, fib_crop) -> None:
+    parent = tiny_parent(tmp_path / "parent.pt")
+    db = make_dataset(tmp_path, fib_crop[1], parent)
+    profile = write_profile(tmp_path, parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nrrn_daemon", "finetune", "--now", "--profile", str(profile),
+         "--dataset", "ds", "--minutes", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not finetune_rows(db):
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2.0)  # training
+        assert proc.poll() is None, "the fine-tune ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    models = tmp_path / "state" / "models"
+    leftovers = [p.name for p in models.rglob("*")] if models.exists() else []
+    assert not [n for n in leftovers if n.endswith((".pt", ".part"))], leftovers
+    with Store(db) as store:
+        ds = store.dataset_ids()["ds"]
+        assert store.current_model_id(ds) is None, "the model in service is unchanged"
+        assert store.close_dead_finetunes(lambda pid: pid != proc.pid) == 1
+    ((_, status, candidate),) = finetune_rows(db)
+    assert status == "failed" and candidate is None
+
+
+def test_the_daemon_finetunes_in_a_subprocess_while_denoising(
+    tmp_path: Path, fib_crop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from nrrn_daemon.profiles import load_profile
+
+    parent = tiny_parent(tmp_path / "parent.pt")
+    noisy = fib_crop[1]
+    (tmp_path / "raw").mkdir()
+    for i in range(16):
+        tifffile.imwrite(tmp_path / "raw" / f"slice_{i:04d}.tif", noisy[i])
+    profile = load_profile(write_profile(tmp_path, parent, enabled=True, early_after_slices=0))
+    store = Store(profile.store.database)
+    outputs: list[tuple[float, str]] = []
+    daemon = Daemon(
+        profile, store, finetune_trigger=IntervalTrigger(hours=12),
+        on_event=lambda kind, data: outputs.append((time.monotonic(), kind)),
+    )  # fmt: skip
+    thread = threading.Thread(target=daemon.work, name="nrrn-test-daemon")
+    thread.start()
+    db = Path(profile.store.database)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(k == "output" for _, k in outputs) < 14:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        assert daemon._next_finetune() is not None  # the schedule's next run
+        Path(str(db) + REQUEST_SUFFIX).write_text(json.dumps({"steps": 10}))
+        while not finetune_rows(db):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        for i in range(16, SLICES):  # live slices arrive during the fine-tune
+            tifffile.imwrite(tmp_path / "raw" / f"slice_{i:04d}.tif", noisy[i])
+        deadline = time.monotonic() + 90
+        while finetune_rows(db)[0][1] == "running":
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.1)
+        ended = time.monotonic()
+    finally:
+        daemon.request_stop("test over")
+        thread.join(30)
+        store.close()
+    assert not thread.is_alive()
+    ((_, status, candidate),) = finetune_rows(db)
+    assert status in ("promoted", "rejected") and candidate is not None
+    live = [t for t, k in outputs if k == "output" and started <= t <= ended]
+    assert live, "slices were denoised while the fine-tune ran"
