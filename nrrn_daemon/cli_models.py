@@ -1,7 +1,8 @@
 """The model commands: ``finetune`` (one fine-tune by hand), ``models`` (list, promote, rollback).
 
-The database has one writer: while a daemon is alive on it, ``finetune`` asks the daemon (a request
-file beside the database, see :data:`nrrn_daemon.daemon.REQUEST_SUFFIX`) instead of writing, and
+The database has one writer: while a daemon is alive on it, ``finetune`` asks the daemon (a
+request file beside the database, :func:`nrrn_daemon.finetune_runner.request_file`) instead of
+writing, and
 ``finetune --now`` refuses. ``models promote|rollback`` is a single short transaction; a running
 daemon with ``model.checkpoint = "dataset"`` switches to the new current model within a heartbeat.
 """
@@ -64,16 +65,6 @@ def _daemon_alive(db: Path) -> dict[str, Any] | None:
     return run if run is not None and run["state"] == "alive" else None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @app.command()
 @edge
 def finetune(
@@ -93,8 +84,9 @@ def finetune(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Fine-tune a data set's model once, by hand; promote it if it passes the gate."""
-    from .daemon import REQUEST_SUFFIX, resolve_checkpoint
+    from .daemon import resolve_checkpoint
     from .finetune import FinetuneJob, begin, failed_result, record_result, run_finetune
+    from .finetune_runner import pid_alive, request_file
     from .profiles import load_profile
     from .provenance import Store
 
@@ -109,11 +101,11 @@ def finetune(
                 "database's one writer — run `nrrn-daemon finetune` without --now to ask it"
             )
         request = {"dataset": dataset, "minutes": minutes, "steps": steps, "at": time.time()}
-        Path(str(db_path) + REQUEST_SUFFIX).write_text(json.dumps(request))
+        request_file(db_path).write_text(json.dumps(request))
         console.print(f"asked the running daemon (pid {run['pid']}) to fine-tune")
         return
     with Store(db_path) as store:
-        store.close_dead_finetunes(_pid_alive)
+        store.close_dead_finetunes(pid_alive)
         name = _pick_dataset(list(store.dataset_ids()), dataset, prof.watch.folder)
         parent, _ = resolve_checkpoint(prof, store, store.dataset_ids()[name])
         job = FinetuneJob(

@@ -11,28 +11,23 @@ any point leaves either no output file, or a complete file that the restarted da
 records (denoising is deterministic); our own leftover ``.*.part`` temp files in the output
 folder are removed at start. The raw folder is only ever read.
 
-Fine-tuning (not in burst mode): a :class:`~nrrn_daemon.scheduling.FinetuneScheduler` (cron, or
-the early trigger, or a request file written by ``nrrn-daemon finetune``) only raises a flag; the
-loop starts ``python -m nrrn_daemon.finetune`` as a subprocess, keeps denoising, records the
-child's JSON result when it exits (the daemon stays the database's one writer) and, with
-``model.checkpoint = "dataset"``, switches to the data set's current model (checked every
-heartbeat, so ``models promote|rollback`` by hand is picked up too).
+Fine-tuning (not in burst mode) is run by a :class:`~nrrn_daemon.finetune_runner.FinetuneRunner`
+in a subprocess while the loop keeps denoising; with ``model.checkpoint = "dataset"`` the loop
+switches to the data set's current model when a fine-tune ends and at every heartbeat (so
+``models promote|rollback`` by hand is picked up too).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +37,11 @@ from . import __version__
 from .checkpoints import BASE_CHECKPOINT, Checkpoint, load_checkpoint
 from .denoise import Denoiser
 from .errors import InputError, NRRNError, OutputError
-from .finetune import FinetuneJob, FinetuneResult, begin, failed_result, record_result
+from .finetune_runner import FinetuneRunner
 from .imageio import sha256_file
 from .outputs import ModelInfo, OutputRecord, process
 from .profiles import Profile
 from .provenance import Store
-from .scheduling import FinetuneScheduler, cron_trigger, early_due
 from .slices import SliceRef, parse_slice
 from .states import InputRole, ModelKind, OutputReason, SliceState
 from .triplets import TripletGrouper, Work, WorkMode
@@ -61,22 +55,6 @@ RETRY_S = 10.0
 """Seconds before a unit whose output could not be written is tried again."""
 IDLE_WAIT_S = 0.1
 """Sleep of an idle loop turn (the watcher and the grouper's timeouts are checked each turn)."""
-REQUEST_SUFFIX = ".finetune-request.json"
-"""``<database>`` + this: a fine-tune asked for by ``nrrn-daemon finetune`` (taken by the loop)."""
-FINETUNE_CHECK_S = 1.0
-"""Seconds between two looks at the fine-tune subprocess and the request file."""
-
-
-@dataclass
-class _Child:
-    """A fine-tune subprocess started by the daemon."""
-
-    proc: subprocess.Popen[bytes]
-    finetune_id: int
-    job: FinetuneJob
-    result_path: Path
-    log_path: Path
-    started_at: float
 
 
 @dataclass
@@ -106,16 +84,6 @@ def resolve_checkpoint(profile: Profile, store: Store, dataset_id: int) -> tuple
     else:
         path = Path(choice).expanduser()
     return path, load_checkpoint(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Daemon:
@@ -152,19 +120,16 @@ class Daemon:
         self._retry: deque[tuple[float, Work]] = deque()
         self._shape: tuple[int, ...] | None = None
         self._run_id: int | None = None
-        self._finetune_trigger = finetune_trigger
-        self._scheduler: FinetuneScheduler | None = None
-        self._child: _Child | None = None
-        self._last_ft_check = 0.0
-        self._requested: str | None = None
-        self._early_checked = False
-        self.state_folder = Path(store.path).parent
         self.dataset_name = str(self.watch_folder)
         self.dataset_id = store.ensure_dataset(
             name=self.dataset_name,
             watch_folder=str(self.watch_folder),
             profile_name=profile.name,
         )
+        self.finetuning = FinetuneRunner(
+            profile, store, self.dataset_id, self.dataset_name,
+            trigger=finetune_trigger, on_event=self.on_event,
+        )  # fmt: skip
         ckpt_path, ckpt = resolve_checkpoint(profile, store, self.dataset_id)
         self.denoiser = Denoiser(
             ckpt,
@@ -253,13 +218,13 @@ class Daemon:
         try:
             self._recover()
             if not burst:
-                self._start_finetuning()
+                self.finetuning.start()
             self.watcher.start()
             while self._stop_reason is None:
                 now = time.time()
                 busy = self._turn(now)
-                if not burst and now - self._last_ft_check >= FINETUNE_CHECK_S:
-                    self._finetune_turn(now)
+                if not burst and self.finetuning.turn(now, self.model.path):
+                    self._sync_model()
                 if now - last_beat >= HEARTBEAT_S:
                     if not burst:
                         self._sync_model()
@@ -280,7 +245,7 @@ class Daemon:
             raise
         finally:
             self.watcher.stop()
-            self._stop_finetuning()
+            self.finetuning.stop()
             self._heartbeat(run_id)
             self.store.end_run(run_id, reason)
             log.info("stopped: %s", reason)
@@ -484,123 +449,6 @@ class Daemon:
             "output", {"name": item.centre.name, "mode": item.mode.value, "latency_s": latency}
         )
 
-    # -- fine-tuning -------------------------------------------------------------------------
-    def _start_finetuning(self) -> None:
-        """Close fine-tunes whose process died; start the schedule (when enabled)."""
-        closed = self.store.close_dead_finetunes(_pid_alive)
-        if closed:
-            log.warning("%d interrupted fine-tune(s) recorded as failed", closed)
-        if not self.profile.finetune.enabled:
-            return
-        trigger = self._finetune_trigger or cron_trigger(self.profile.finetune.cron)
-        self._scheduler = FinetuneScheduler(
-            self.store.path, f"finetune:{self.dataset_name}", trigger
-        )
-        self._scheduler.start()
-        log.info("fine-tune scheduled: next at %s", self._next_finetune())
-
-    def request_finetune(self, reason: str = "manual") -> None:
-        """Ask for a fine-tune at the loop's next look (thread-safe)."""
-        self._requested = reason
-        self._wake.set()
-
-    def _finetune_turn(self, now: float) -> None:
-        """Collect a finished child; else start one when the schedule, a request or early asks."""
-        self._last_ft_check = now
-        if self._child is not None:
-            if self._child.proc.poll() is not None:
-                self._collect_child()
-            return
-        reason, self._requested = self._requested, None
-        if reason is None and self._scheduler is not None:
-            reason = self._scheduler.take_request()
-        request_file = Path(str(self.store.path) + REQUEST_SUFFIX)
-        overrides: dict[str, Any] = {}
-        if reason is None and request_file.exists():
-            try:
-                overrides = json.loads(request_file.read_text() or "{}")
-            except (OSError, ValueError):
-                overrides = {}
-            request_file.unlink(missing_ok=True)
-            reason = "request"
-        if reason is None and self._scheduler is not None and not self._early_checked:
-            denoised, finetunes = self.store.finetune_counts(self.dataset_id)
-            self._early_checked = finetunes > 0
-            if early_due(self.profile.finetune, denoised, finetunes):
-                reason = "early"
-        if reason is not None:
-            self._spawn_child(reason, overrides)
-
-    def _spawn_child(self, reason: str, overrides: dict[str, Any]) -> None:
-        ft = self.profile.finetune
-        job = FinetuneJob(
-            db=str(self.store.path), dataset=self.dataset_name, parent=self.model.path,
-            models_dir=str(self.state_folder / "models"),
-            minutes=float(overrides.get("minutes") or ft.minutes),
-            validation_fraction=ft.validation_fraction, steps=overrides.get("steps"),
-            device=self.profile.model.device, databar=self.profile.image.databar,
-            databar_rows=self.profile.image.databar_rows,
-        )  # fmt: skip
-        folder = self.state_folder / "finetune"
-        folder.mkdir(parents=True, exist_ok=True)
-        ft_id = begin(self.store, job, os.getpid(), reason)
-        job_path = folder / f"{ft_id}.job.json"
-        job_path.write_text(json.dumps(asdict(job)))
-        result_path, log_path = folder / f"{ft_id}.result.json", folder / f"{ft_id}.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "nrrn_daemon.finetune", str(job_path), str(result_path)],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        self._child = _Child(proc, ft_id, job, result_path, log_path, time.time())
-        log.info(
-            "fine-tune %d started (%s, pid %d, ≤ %.1f min)", ft_id, reason, proc.pid, job.minutes
-        )
-        self.on_event("finetune", {"state": "started", "id": ft_id})
-
-    def _collect_child(self) -> None:
-        child, self._child = self._child, None
-        assert child is not None
-        try:
-            result = FinetuneResult.from_json(child.result_path.read_text())
-        except (OSError, ValueError, TypeError) as exc:
-            tail = (
-                child.log_path.read_text(errors="replace")[-500:] if child.log_path.exists() else ""
-            )
-            result = failed_result(
-                child.job, f"fine-tune process exited {child.proc.returncode} without a result "
-                f"({exc}); log {child.log_path}: {tail.strip()}",
-            )  # fmt: skip
-        record_result(self.store, child.finetune_id, result)
-        log.info("fine-tune %d %s: %s", child.finetune_id, result.status, "; ".join(
-            result.reasons) or result.error)  # fmt: skip
-        self.on_event("finetune", {"state": result.status, "id": child.finetune_id})
-        self._sync_model()
-
-    def _stop_finetuning(self) -> None:
-        """Stop the schedule; end a running child (recorded as failed: the daemon stopped)."""
-        if self._child is not None:
-            child, self._child = self._child, None
-            child.proc.terminate()
-            try:
-                child.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
-            record_result(
-                self.store, child.finetune_id, failed_result(child.job, "the daemon stopped")
-            )
-        if self._scheduler is not None:
-            self._scheduler.shutdown()
-            self._scheduler = None
-
-    def _next_finetune(self) -> str | None:
-        if self._child is not None:
-            started = time.strftime("%H:%M:%S", time.localtime(self._child.started_at))
-            return f"running since {started} (pid {self._child.proc.pid})"
-        when = self._scheduler.next_run_time() if self._scheduler is not None else None
-        return None if when is None else when.isoformat(timespec="seconds")
-
     def _sync_model(self) -> None:
         """With ``model.checkpoint = "dataset"``, denoise with the data set's current model."""
         if self.profile.model.checkpoint != "dataset":
@@ -664,7 +512,7 @@ class Daemon:
                 "precision": self.denoiser.precision,
                 "cpu_fallback": self.denoiser.cpu_fallback,
                 "model": self.model.label,
-                "next_finetune": self._next_finetune(),
+                "next_finetune": self.finetuning.next_run(),
                 "recent_failures": list(s.recent_failures),
             },
         )

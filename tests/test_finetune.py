@@ -19,7 +19,7 @@ import torch
 from apscheduler.triggers.interval import IntervalTrigger
 
 from nrrn_daemon.checkpoints import Checkpoint, Normalisation, load_checkpoint, save_checkpoint
-from nrrn_daemon.daemon import REQUEST_SUFFIX, Daemon
+from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.denoise import Denoiser
 from nrrn_daemon.finetune import (
     FinetuneJob,
@@ -31,6 +31,7 @@ from nrrn_daemon.finetune import (
     residual_structure,
     run_finetune,
 )
+from nrrn_daemon.finetune_runner import request_file
 from nrrn_daemon.metrics import psnr
 from nrrn_daemon.noise import noisy_stack
 from nrrn_daemon.nrrn import NRRN
@@ -258,8 +259,8 @@ def test_the_daemon_finetunes_in_a_subprocess_while_denoising(
         while sum(k == "output" for _, k in outputs) < 14:
             assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.05)
-        assert daemon._next_finetune() is not None  # the schedule's next run
-        Path(str(db) + REQUEST_SUFFIX).write_text(json.dumps({"steps": 10}))
+        assert daemon.finetuning.next_run() is not None  # the schedule's next run
+        request_file(db).write_text(json.dumps({"steps": 10}))
         while not finetune_rows(db):
             assert time.monotonic() < deadline
             time.sleep(0.05)

@@ -13,7 +13,7 @@ from test_finetune import make_dataset, tiny_parent, write_profile
 from typer.testing import CliRunner
 
 from nrrn_daemon.cli import app
-from nrrn_daemon.daemon import REQUEST_SUFFIX
+from nrrn_daemon.finetune_runner import request_file
 from nrrn_daemon.provenance import Store
 
 runner = CliRunner()
@@ -87,5 +87,5 @@ def test_finetune_asks_a_running_daemon_and_now_refuses(setup) -> None:
     assert refused.exit_code == 1 and "without --now" in refused.output
     asked = cli("finetune", "--steps", "3", *base)
     assert asked.exit_code == 0, asked.output
-    request = json.loads(Path(str(setup["db"]) + REQUEST_SUFFIX).read_text())
+    request = json.loads(request_file(setup["db"]).read_text())
     assert request["steps"] == 3

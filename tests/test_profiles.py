@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,7 +255,10 @@ def test_env_search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         tmp_path / "mine",
         tmp_path / "config" / "nrrn-daemon" / "profiles",
     ]
-    assert profile_search_path()[-1] == BUNDLED_PROFILES
+    assert profile_search_path()[-2:] == [
+        BUNDLED_PROFILES,
+        Path(sys.prefix) / "share" / "nrrn-daemon" / "profiles",
+    ]
     assert load_profile("lab").source == tmp_path / "mine" / "lab.toml"
     assert load_profile("helios").name == "helios"  # bundled ones still found
 
