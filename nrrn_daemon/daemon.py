@@ -36,7 +36,7 @@ import tifffile
 from . import __version__
 from .checkpoints import BASE_CHECKPOINT, Checkpoint, load_checkpoint
 from .denoise import Denoiser
-from .errors import InputError, NRRNError, OutputError
+from .errors import Abandoned, InputError, NRRNError, OutputError
 from .finetune_runner import FinetuneRunner
 from .imageio import sha256_file
 from .outputs import ModelInfo, OutputRecord, process
@@ -381,6 +381,7 @@ class Daemon:
                 output_name=name,
                 databar=self.profile.image.databar,
                 databar_rows=self.profile.image.databar_rows,
+                should_stop=lambda: self._stop_reason is not None,
             )
         except OutputError as exc:
             # The slice stays ready; the unit is tried again later.
@@ -396,6 +397,10 @@ class Daemon:
             return
         except InputError as exc:
             self._fail(centre.path, centre, str(exc))
+            return
+        except Abandoned:
+            # Stopping: the slice stays ready (no output written); the next start redoes it.
+            log.info("%s abandoned to stop quickly; it is denoised at the next start", centre.name)
             return
         finally:
             self.state.current = None

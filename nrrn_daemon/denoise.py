@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .checkpoints import Checkpoint
 from .devices import resolve_device
-from .errors import InputError, NRRNError
+from .errors import Abandoned, InputError, NRRNError
 from .tiling import Tile, paste, plan_tiles
 
 MIN_TILE = 64
@@ -111,6 +111,7 @@ class Denoiser:
         neighbours: Sequence[np.ndarray] = (),
         *,
         tiles: Sequence[Tile] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> np.ndarray:
         """Denoise one slice with 0, 1, 2 (or more, for repeat scans) neighbours.
 
@@ -126,6 +127,9 @@ class Denoiser:
         tiles
             An explicit plan from :func:`plan_tiles` for this shape, instead of the Denoiser's
             own (benchmarks compare tilings with it); the OOM fallback then only shrinks the batch.
+        should_stop
+            Checked between forward passes; when it returns True the slice is given up with
+            :class:`Abandoned` (a big slice on the CPU takes minutes, a stop must not).
 
         Returns
         -------
@@ -138,6 +142,8 @@ class Denoiser:
             Not a 2-D uint8/uint16 array, or neighbours of another shape or dtype.
         NRRNError
             Out of GPU memory even for one tile of ``MIN_TILE`` px per pass.
+        Abandoned
+            ``should_stop`` returned True.
         """
         start = time.perf_counter()
         _check_inputs(centre, neighbours)
@@ -150,7 +156,7 @@ class Denoiser:
         while True:
             plan = list(tiles) if tiles is not None else self._plan(height, width, tile)
             try:
-                out, timing = self._run(plan, batch, centre, neighbours, mean, std)
+                out, timing = self._run(plan, batch, centre, neighbours, mean, std, should_stop)
                 break
             except _OOM_ERRORS as exc:  # only raised on CUDA (and by the tests' fake)
                 failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -204,6 +210,7 @@ class Denoiser:
         neighbours: Sequence[np.ndarray],
         mean: float,
         std: float,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Run ``plan`` in batches of same-shape windows; returns the output and timings."""
         out = np.empty(centre.shape, dtype=centre.dtype)
@@ -215,6 +222,8 @@ class Denoiser:
         with torch.inference_mode():
             for group in groups.values():
                 for i in range(0, len(group), batch):
+                    if should_stop is not None and should_stop():
+                        raise Abandoned("denoising given up: the daemon is stopping")
                     chunk = group[i : i + batch]
                     t0 = time.perf_counter()
                     inputs = [

@@ -30,3 +30,7 @@ class OutputError(NRRNError):
 
 class StoreError(NRRNError):
     """The provenance database cannot be opened or has an unexpected schema."""
+
+
+class Abandoned(NRRNError):
+    """A unit of work was given up because the daemon was asked to stop (nothing was written)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def process(
     output_name: str,
     databar: str = "none",
     databar_rows: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> OutputRecord:
     """Denoise ``work.centre`` with its neighbours and write ``output_folder / output_name``.
 
@@ -84,6 +86,8 @@ def process(
         then failed by the daemon; nothing is written).
     OutputError
         The output cannot be written (the slice stays ready and is retried).
+    Abandoned
+        ``should_stop`` returned True during denoising (nothing written).
     """
     started = time.time()
     t0 = time.perf_counter()
@@ -99,7 +103,9 @@ def process(
             )
         neighbours.append(image)
     t1 = time.perf_counter()
-    denoised = denoiser.denoise(centre.pixels, [n.pixels for n in neighbours])
+    denoised = denoiser.denoise(
+        centre.pixels, [n.pixels for n in neighbours], should_stop=should_stop
+    )
     t2 = time.perf_counter()
     settings = {
         "tile": denoiser.tile,

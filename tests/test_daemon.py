@@ -315,3 +315,23 @@ def test_changed_content_gives_a_new_output_version(tmp_path, tiny_checkpoint, v
     )
     assert versions == [(1, "first", "triplet", False), (2, "input-changed", "triplet", True)]
     assert not np.array_equal(tifffile.imread(tmp_path / "out" / NAME.format(1)), first)
+
+
+def test_a_stop_abandons_a_long_slice_cleanly(tmp_path, tiny_checkpoint):
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 255, (3, 1536, 1536), dtype=np.uint8)
+    profile = make_profile(tmp_path, tiny_checkpoint, **{"model.tile": 64, "model.tile_batch": 1})
+    Microscope(tmp_path / "raw", big, NAME, interval_s=0.0, chunks=1).run()
+    with Running(profile) as run:
+        run.wait_for(lambda: run.daemon.state.current is not None, timeout=30)
+        busy_with = run.daemon.state.current
+        stopped = time.monotonic()
+        run.daemon.request_stop("SIGTERM")
+        run.thread.join(10)
+        assert not run.thread.is_alive() and time.monotonic() - stopped < 10
+    assert run.reason == "SIGTERM"
+    assert not (tmp_path / "out" / busy_with).exists()
+    assert not list((tmp_path / "out").glob(".*.part"))
+    with Store(profile.store.database, readonly=True) as store:
+        rows = store.slices_in_state(run.daemon.dataset_id, ["ready"])
+    assert busy_with in {r.name for r in rows}
