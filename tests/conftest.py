@@ -39,6 +39,24 @@ def fib25(fib25_path: Path) -> np.ndarray:
     return vol
 
 
+def random_checkpoint(path: Path, blocks: int = 1, features: int = 4, seed: int = 0) -> Path:
+    """Save a small NRRN with random weights (slice normalisation) to ``path``."""
+    import torch
+
+    from nrrn_daemon.checkpoints import Checkpoint, Normalisation, save_checkpoint
+    from nrrn_daemon.nrrn import NRRN
+
+    torch.manual_seed(seed)
+    model = NRRN(blocks=blocks, features=features)
+    return save_checkpoint(Checkpoint.from_model(model, Normalisation("slice", 0.0, 1.0)), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-building-unit, 4-channel NRRN with random weights: fast, for the daemon's mechanics."""
+    return random_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
 @pytest.fixture(autouse=True)
 def _no_thread_leaks():
     """Fail a test that leaves threads running (observers, schedulers, workers)."""

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from typer.testing import CliRunner
 
-from nrrn_daemon.checkpoints import Checkpoint, Normalisation, load_checkpoint, save_checkpoint
+from nrrn_daemon.checkpoints import load_checkpoint
 from nrrn_daemon.cli import app
 from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.microscope import Microscope, encode_tiff
-from nrrn_daemon.nrrn import NRRN
 from nrrn_daemon.profiles import load_profile
 from nrrn_daemon.provenance import Store
 
@@ -35,32 +33,25 @@ def one_clear_line(result, *needles: str) -> None:
         assert needle in text, (needle, text)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    ckpt = Checkpoint.from_model(NRRN(blocks=1, features=4), Normalisation("slice", 0.0, 1.0))
-    return save_checkpoint(ckpt, tmp_path_factory.mktemp("m") / "tiny.pt")
-
-
 @pytest.fixture
 def crop(fib25) -> np.ndarray:
     return np.ascontiguousarray(fib25[:5, :64, :64])
 
 
-def test_denoise_multipage_keeps_shape_and_dtype(tmp_path, tiny_model, crop):
+def test_denoise_multipage_keeps_shape_and_dtype(tmp_path, tiny_checkpoint, crop):
     src = tmp_path / "stack.tif"
     tifffile.imwrite(src, crop, photometric="minisblack")
     result = invoke(
-        "denoise", src, "--output", tmp_path / "out", "--model", tiny_model, "--tile", 32
+        "denoise", src, "--output", tmp_path / "out", "--model", tiny_checkpoint, "--tile", 32
     )
     assert result.exit_code == 0, result.output
     out = tifffile.imread(tmp_path / "out" / "stack.tif")
     assert out.shape == crop.shape and out.dtype == np.uint8
 
 
-def test_denoise_folder_gives_one_file_per_slice_with_its_name_and_tags(tmp_path, tiny_model, crop):
+def test_denoise_folder_gives_one_file_per_slice_with_its_name_and_tags(
+    tmp_path, tiny_checkpoint, crop
+):
     raw = tmp_path / "raw"
     raw.mkdir()
     for k in range(len(crop)):
@@ -71,7 +62,7 @@ def test_denoise_folder_gives_one_file_per_slice_with_its_name_and_tags(tmp_path
             extratags=[(34118, "s", 0, f"AP_WD\r\nWD = {k}", True)],
         )
     result = invoke(
-        "denoise", raw, "--output", tmp_path / "out", "--model", tiny_model, "--inputs", 3
+        "denoise", raw, "--output", tmp_path / "out", "--model", tiny_checkpoint, "--inputs", 3
     )
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -85,28 +76,30 @@ def test_denoise_folder_gives_one_file_per_slice_with_its_name_and_tags(tmp_path
         assert tif.pages[0].tags[34118].value == zeiss
 
 
-def test_denoise_refuses_to_write_into_the_input_folder(tmp_path, tiny_model, crop):
+def test_denoise_refuses_to_write_into_the_input_folder(tmp_path, tiny_checkpoint, crop):
     for k in range(3):
         tifffile.imwrite(tmp_path / f"s_{k}.tif", crop[k])
     one_clear_line(
-        invoke("denoise", tmp_path, "--output", tmp_path, "--model", tiny_model), "overwrite"
+        invoke("denoise", tmp_path, "--output", tmp_path, "--model", tiny_checkpoint), "overwrite"
     )
 
 
-def test_bad_inputs_give_one_clear_line(tmp_path, tiny_model, crop):
+def test_bad_inputs_give_one_clear_line(tmp_path, tiny_checkpoint, crop):
     good = tmp_path / "good.tif"
     tifffile.imwrite(good, crop, photometric="minisblack")
     cut = tmp_path / "cut.tif"
     cut.write_bytes(good.read_bytes()[:5000])
     one_clear_line(
-        invoke("denoise", cut, "--output", tmp_path / "o", "--model", tiny_model), "cut.tif"
+        invoke("denoise", cut, "--output", tmp_path / "o", "--model", tiny_checkpoint), "cut.tif"
     )
     one_clear_line(
-        invoke("denoise", tmp_path / "nope.tif", "--output", tmp_path / "o", "--model", tiny_model),
+        invoke(
+            "denoise", tmp_path / "nope.tif", "--output", tmp_path / "o", "--model", tiny_checkpoint
+        ),
         "nope.tif",
     )
     bad_model = tmp_path / "bad.pt"
-    bad_model.write_bytes(tiny_model.read_bytes()[:-100])
+    bad_model.write_bytes(tiny_checkpoint.read_bytes()[:-100])
     one_clear_line(
         invoke("denoise", good, "--output", tmp_path / "o", "--model", bad_model),
         "bad.pt",
@@ -118,7 +111,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, tiny_model, crop):
     tifffile.imwrite(odd / "a_1.tif", crop[0])
     tifffile.imwrite(odd / "a_2.tif", crop[1, :32])
     one_clear_line(
-        invoke("denoise", odd, "--output", tmp_path / "o", "--model", tiny_model), "a_2.tif"
+        invoke("denoise", odd, "--output", tmp_path / "o", "--model", tiny_checkpoint), "a_2.tif"
     )
     # Two slices cannot train the triplet loss.
     two = tmp_path / "two.tif"
@@ -194,7 +187,7 @@ def test_unknown_profile_field_stops_start_naming_the_field(tmp_path):
     )
 
 
-def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_model, crop):
+def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_checkpoint, crop):
     raw, out, db = tmp_path / "raw", tmp_path / "out", tmp_path / "db.sqlite"
     Microscope(raw, crop, "SEM Image - SliceImage - {:03d}.tif", interval_s=0, first_index=1).run()
     # A databar below each image, cropped off before denoising and copied through.
@@ -209,7 +202,7 @@ def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_model, crop):
             "watch.folder": str(raw),
             "output.folder": str(out),
             "store.database": str(db),
-            "model.checkpoint": str(tiny_model),
+            "model.checkpoint": str(tiny_checkpoint),
             "model.device": "cpu",
             "watch.settle_s": 0.1,
         },

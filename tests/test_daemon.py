@@ -16,23 +16,12 @@ import tifffile
 
 from nrrn_daemon import daemon as daemon_mod
 from nrrn_daemon import imageio
-from nrrn_daemon.checkpoints import Checkpoint, Normalisation, save_checkpoint
 from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.microscope import Microscope, encode_tiff, write_slowly
-from nrrn_daemon.nrrn import NRRN
 from nrrn_daemon.profiles import load_profile
 from nrrn_daemon.provenance import Store
 
 NAME = "slice_{:04d}.tif"
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    ckpt = Checkpoint.from_model(NRRN(blocks=1, features=4), Normalisation("slice", 0.0, 1.0))
-    return save_checkpoint(ckpt, tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
 @pytest.fixture

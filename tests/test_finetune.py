@@ -17,8 +17,9 @@ import pytest
 import tifffile
 import torch
 from apscheduler.triggers.interval import IntervalTrigger
+from conftest import random_checkpoint
 
-from nrrn_daemon.checkpoints import Checkpoint, Normalisation, load_checkpoint, save_checkpoint
+from nrrn_daemon.checkpoints import load_checkpoint
 from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.denoise import Denoiser
 from nrrn_daemon.finetune import (
@@ -34,7 +35,6 @@ from nrrn_daemon.finetune import (
 from nrrn_daemon.finetune_runner import request_file
 from nrrn_daemon.metrics import psnr
 from nrrn_daemon.noise import noisy_stack
-from nrrn_daemon.nrrn import NRRN
 from nrrn_daemon.provenance import Store
 from nrrn_daemon.training import validation_blocks
 
@@ -66,9 +66,7 @@ def make_dataset(folder: Path, noisy: np.ndarray, parent: Path) -> Path:
 
 
 def tiny_parent(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = NRRN(blocks=1, features=8)
-    return save_checkpoint(Checkpoint.from_model(model, Normalisation("slice", 0.0, 1.0)), path)
+    return random_checkpoint(path, blocks=1, features=8, seed=seed)
 
 
 @pytest.fixture(scope="module")

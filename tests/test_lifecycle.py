@@ -11,22 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_checkpoint
 
-from nrrn_daemon.checkpoints import Checkpoint, Normalisation, save_checkpoint
 from nrrn_daemon.imageio import sha256_file
 from nrrn_daemon.microscope import Microscope
-from nrrn_daemon.nrrn import NRRN
 
 NAME = "slice_{:04d}.tif"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    ckpt = Checkpoint.from_model(NRRN(blocks=2, features=8), Normalisation("slice", 0.0, 1.0))
-    return save_checkpoint(ckpt, tmp_path_factory.mktemp("model") / "small.pt")
+    return random_checkpoint(tmp_path_factory.mktemp("model") / "small.pt", blocks=2, features=8)
 
 
 def write_profile(tmp_path: Path, ckpt: Path) -> Path:
