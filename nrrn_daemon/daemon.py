@@ -281,7 +281,8 @@ class Daemon:
         sha = sha256_file(path)
         if known is not None and known.state == SliceState.DENOISED and known.sha256 == sha:
             # A repeat of a slice already processed (same content): not re-done.
-            self.grouper.add_done(ref, self.store.current_mode(known.id) or "triplet")
+            fallback = "repeat" if self.profile.grouping.mode == "repeat-scans" else "triplet"
+            self.grouper.add_done(ref, self.store.current_mode(known.id) or fallback)
             return
         changed = known is not None and known.state == SliceState.DENOISED
         try:
@@ -439,6 +440,13 @@ class Daemon:
             reason=reason,
             run_id=self._run_id,
         )
+        for ref, role in zip(refs, roles, strict=True):
+            row = rows[ref.path]
+            if role == InputRole.SCAN and row is not None and row.state == SliceState.READY:
+                # A repeat scan is consumed by its slice's output: it waits for nothing more.
+                self.store.set_slice_state(
+                    row.id, SliceState.DENOISED, reason=f"scan used for {item.centre.name}"
+                )
         self.state.denoised += 1
         self.state.last_output = record.path.name
         self.state.last_latency_s = latency
@@ -525,11 +533,13 @@ class Daemon:
 
 
 def _roles(item: Work) -> list[str]:
-    if item.mode == "repeat":
-        return [InputRole.CENTRE] + [InputRole.SCAN] * len(item.neighbours)
+    """Centre first, then each neighbour: a scan of the same index, or the previous / next slice."""
     roles = [InputRole.CENTRE]
     for ref in item.neighbours:
-        roles.append(InputRole.PREV if ref.index < item.centre.index else InputRole.NEXT)
+        if ref.index == item.centre.index:
+            roles.append(InputRole.SCAN)
+        else:
+            roles.append(InputRole.PREV if ref.index < item.centre.index else InputRole.NEXT)
     return roles
 
 

@@ -324,3 +324,32 @@ def test_a_stop_abandons_a_long_slice_cleanly(tmp_path, tiny_checkpoint):
     with Store(profile.store.database, readonly=True) as store:
         rows = store.slices_in_state(run.daemon.dataset_id, ["ready"])
     assert busy_with in {r.name for r in rows}
+
+
+def test_repeat_scans_form_the_group(tmp_path, tiny_checkpoint, volume):
+    profile = make_profile(
+        tmp_path,
+        tiny_checkpoint,
+        **{
+            "grouping.mode": "repeat-scans",
+            "grouping.scans_per_slice": 3,
+            "watch.index_regex": r"slice_(?P<index>\d+)_scan(?P<scan>\d+)\.tif$",
+        },
+    )
+    raw = tmp_path / "raw"
+    # Slice 7 scanned three times (the same signal, independent noise), slice 8 twice only.
+    for scan, k in enumerate([0, 1, 2], start=1):
+        write_slowly(raw / f"slice_0007_scan{scan}.tif", encode_tiff(volume[k]))
+    for scan, k in enumerate([3, 4], start=1):
+        write_slowly(raw / f"slice_0008_scan{scan}.tif", encode_tiff(volume[k]))
+    with Store(profile.store.database) as store:
+        assert Daemon(profile, store).work(burst=True) == "burst complete"
+    outs = current_outputs(profile.store.database)
+    assert outs["slice_0007_scan1.tif"]["mode"] == "repeat"
+    assert outs["slice_0008_scan1.tif"]["mode"] == "pair"
+    with Store(profile.store.database, readonly=True) as store:
+        (record,) = store.provenance("slice_0007_scan1.tif")["outputs"]
+    assert sorted(i["role"] for i in record["inputs"]) == ["centre", "scan", "scan"]
+    with Store(profile.store.database, readonly=True) as store:
+        ds = store.status()["datasets"][0]
+    assert ds["waiting"] == 0, ds["slices"]
