@@ -256,7 +256,13 @@ class Daemon:
         result = self.watcher.poll(now)
         self.state.folder_error = result.folder_error
         for path in result.complete:
-            self._slice_complete(path, now)
+            try:
+                self._slice_complete(path, now)
+            except (OSError, InputError) as exc:  # gone or unreadable since it was found complete
+                if path.exists():
+                    self._fail(path, None, f"cannot read it: {exc}")
+                else:
+                    log.warning("%s disappeared before it could be read; skipped", path.name)
         for path, why in result.failed:
             self._slice_failed_on_arrival(path, why)
         works = self.grouper.tick(now)
@@ -494,9 +500,13 @@ class Daemon:
     # -- start-up and heartbeat ------------------------------------------------------------
     def _recover(self) -> None:
         """Remove our own half-written temp files; seed the grouper from the store."""
-        self.output_folder.mkdir(parents=True, exist_ok=True)
-        for leftover in self.output_folder.glob(".*.part"):
-            leftover.unlink(missing_ok=True)
+        try:
+            self.output_folder.mkdir(parents=True, exist_ok=True)
+            for leftover in self.output_folder.glob(".*.part"):
+                leftover.unlink(missing_ok=True)
+        except OSError as exc:
+            # Not fatal: every write is retried and says why; the raw data is safe meanwhile.
+            log.error("output folder %s is not usable: %s", self.output_folder, exc)
         for row, mode in self.store.denoised_slices(self.dataset_id):
             path = Path(row.path)
             if path.exists() and _unchanged(path, row):
