@@ -48,6 +48,18 @@ def iso(t: float | None) -> str | None:
 # -- status -------------------------------------------------------------------------------------
 
 
+def _datasets(session: Session, dataset: str | None, where: str) -> list[Dataset]:
+    """All data sets by name, or the one named ``dataset`` (a clear error if there is none)."""
+    query = select(Dataset).order_by(Dataset.name)
+    if dataset is not None:
+        query = query.where(Dataset.name == dataset)
+    datasets = list(session.scalars(query))
+    if dataset is not None and not datasets:
+        known = ", ".join(session.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
+        raise StoreError(f"no data set named {dataset!r} in {where} (known: {known})")
+    return datasets
+
+
 def status_report(
     session: Session, *, dataset: str | None, stale_after_s: float, now: float, where: str
 ) -> dict[str, Any]:
@@ -83,13 +95,7 @@ def status_report(
         ``dataset`` names no data set.
     """
     run = session.scalar(select(Run).order_by(Run.started_at.desc(), Run.id.desc()).limit(1))
-    query = select(Dataset).order_by(Dataset.name)
-    if dataset is not None:
-        query = query.where(Dataset.name == dataset)
-    datasets = list(session.scalars(query))
-    if dataset is not None and not datasets:
-        known = ", ".join(session.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
-        raise StoreError(f"no data set named {dataset!r} in {where} (known: {known})")
+    datasets = _datasets(session, dataset, where)
     live = run.state_json if run is not None else {}
     return {
         "database": where,
@@ -230,13 +236,7 @@ def models_report(session: Session, *, dataset: str | None, where: str) -> dict[
     StoreError
         ``dataset`` names no data set.
     """
-    query = select(Dataset).order_by(Dataset.name)
-    if dataset is not None:
-        query = query.where(Dataset.name == dataset)
-    datasets = list(session.scalars(query))
-    if dataset is not None and not datasets:
-        known = ", ".join(session.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
-        raise StoreError(f"no data set named {dataset!r} in {where} (known: {known})")
+    datasets = _datasets(session, dataset, where)
     labels = {
         sha: label
         for sha, label in session.execute(select(ModelVersion.sha256, ModelVersion.label))

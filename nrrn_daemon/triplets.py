@@ -301,14 +301,22 @@ class TripletGrouper:
         slot, prev, nxt = (self._slots.get(j) for j in (i, i - 1, i + 1))
         if slot is None or prev is None or nxt is None:
             return None
+        redo = self._claim(slot, WorkMode.TRIPLET)
+        if redo is None:
+            return None
+        return Work(slot.refs[0], (prev.refs[0], nxt.refs[0]), WorkMode.TRIPLET, redo)
+
+    def _claim(self, slot: _Slot, mode: WorkMode) -> bool | None:
+        """Mark ``slot`` done in ``mode``: None if it needs no such work, else whether it redoes
+        an earlier, partial result."""
         if slot.done is None:
             redo = False
-        elif slot.done is not WorkMode.TRIPLET and self.redo_as_triplet:
+        elif slot.done is not mode and self.redo_as_triplet:
             redo = True
         else:
             return None
-        slot.done, slot.ready_at = WorkMode.TRIPLET, None
-        return Work(slot.refs[0], (prev.refs[0], nxt.refs[0]), WorkMode.TRIPLET, redo)
+        slot.done, slot.ready_at = mode, None
+        return redo
 
     # -- repeat-scans mode --------------------------------------------------------------------
 
@@ -320,12 +328,8 @@ class TripletGrouper:
         slot = self._slots[i]
         if not self._complete(slot):
             return None
-        if slot.done is None:
-            redo = False
-        elif slot.done is not WorkMode.REPEAT and self.redo_as_triplet:
-            redo = True
-        else:
+        redo = self._claim(slot, WorkMode.REPEAT)
+        if redo is None:
             return None
-        slot.done, slot.ready_at = WorkMode.REPEAT, None
         centre, *rest = (slot.refs[k] for k in sorted(slot.refs))
         return Work(centre, tuple(rest), WorkMode.REPEAT, redo)
