@@ -320,6 +320,8 @@ def configure_logging(verbose: bool = False) -> None:
         logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     else:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # APScheduler narrates every job-store step at INFO; our own lines say what matters.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main() -> None:

@@ -216,6 +216,7 @@ class Daemon:
         reason = "crashed"
         last_beat = 0.0
         try:
+            self.watcher.check_folder()  # before anything is created or scheduled
             self._recover()
             if not burst:
                 self.finetuning.start()

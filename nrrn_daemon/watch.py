@@ -219,13 +219,7 @@ class Watcher:
         InputError
             If the watch folder does not exist, is not a folder, or cannot be read.
         """
-        if not self.folder.exists():
-            raise InputError(
-                f"watch folder {self.folder} does not exist — create it, mount the share, "
-                "or fix the profile's watch folder"
-            )
-        if not self.folder.is_dir():
-            raise InputError(f"watch folder {self.folder} is not a folder — fix the profile")
+        self.check_folder()
         try:
             self._start_observer()
             self._scan()
@@ -234,6 +228,16 @@ class Watcher:
             raise InputError(
                 f"cannot watch folder {self.folder}: {exc} — give the service user read access"
             ) from exc
+
+    def check_folder(self) -> None:
+        """Raise :class:`InputError` unless the watch folder exists and is a folder."""
+        if not self.folder.exists():
+            raise InputError(
+                f"watch folder {self.folder} does not exist — create it, mount the share, "
+                "or fix the profile's watch folder"
+            )
+        if not self.folder.is_dir():
+            raise InputError(f"watch folder {self.folder} is not a folder — fix the profile")
 
     def stop(self) -> None:
         """Stop the observer and join its threads. Safe to call twice."""
