@@ -118,6 +118,7 @@ class Daemon:
         self._stop_reason: str | None = None
         self._wake = threading.Event()
         self._retry: deque[tuple[float, Work]] = deque()
+        self._stale: deque[str] = deque()  # slices to re-denoise with a new model, newest first
         self._shape: tuple[int, ...] | None = None
         self._run_id: int | None = None
         self.dataset_name = str(self.watch_folder)
@@ -273,7 +274,19 @@ class Daemon:
             if self._stop_reason is not None:
                 break
             self._run_unit(item)
-        return bool(result.complete or result.failed or works)
+        busy = bool(result.complete or result.failed or works)
+        if not busy and self._stale and self._stop_reason is None:
+            # Live slices first: one older output is re-made per idle turn.
+            self._redenoise(Path(self._stale.popleft()))
+            busy = True
+        return busy
+
+    def _redenoise(self, path: Path) -> None:
+        """Make a new output version of ``path`` with the model now in service."""
+        ref = parse_slice(path, self.watch_folder, self.profile.watch, self.profile.grouping.mode)
+        if not isinstance(ref, SliceRef) or not path.exists():
+            return
+        self._run_unit(self._same_inputs_as_before(ref), OutputReason.NEW_MODEL)
 
     # -- arrivals --------------------------------------------------------------------------
     def _slice_complete(self, path: Path, now: float) -> None:
@@ -495,7 +508,12 @@ class Daemon:
             label=self.store.model_label(model_id), sha256=ckpt.content_sha256, path=current,
             store_id=model_id,
         )  # fmt: skip
-        log.info("now denoising with model %s", self.model.label)
+        self._stale = deque(self.store.stale_outputs(self.dataset_id, model_id))
+        log.info(
+            "now denoising with model %s; re-denoising %d earlier slices in the background",
+            self.model.label,
+            len(self._stale),
+        )
         self.on_event("model", {"label": self.model.label})
 
     # -- start-up and heartbeat ------------------------------------------------------------
@@ -530,6 +548,7 @@ class Daemon:
                 "last_output": s.last_output,
                 "last_latency_s": s.last_latency_s,
                 "retries_pending": len(self._retry),
+                "redenoise_pending": len(self._stale),
                 "folder_error": s.folder_error,
                 "device": self.denoiser.device,
                 "device_name": self.denoiser.device_name,

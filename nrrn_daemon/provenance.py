@@ -361,6 +361,20 @@ class Store:
             )
             return [(SliceInfo.of(row), mode) for row, mode in rows]
 
+    def stale_outputs(self, dataset_id: int, model_id: int) -> list[str]:
+        """Input paths of the slices whose current output another model made, newest first."""
+        with self._unit("read outputs of older models", write=False) as session:
+            return list(
+                session.scalars(
+                    select(Slice.path)
+                    .join(
+                        Output, (Output.centre_slice_id == Slice.id) & Output.is_current.is_(True)
+                    )
+                    .where(Slice.dataset_id == dataset_id, Output.model_version_id != model_id)
+                    .order_by(Slice.index.desc(), Slice.id.desc())
+                )
+            )
+
     # -- runs ---------------------------------------------------------------------------------
 
     def start_run(

@@ -45,6 +45,10 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             console.print(f"[red]watch folder problem:[/] {live['folder_error']}")
         if live.get("current"):
             console.print(f"now denoising: {live['current']}")
+        if live.get("redenoise_pending"):
+            console.print(
+                f"re-denoising with the new model: {live['redenoise_pending']} slices to go"
+            )
     if report.get("profile"):
         console.print(
             f"profile: [bold]{report['profile']['name']}[/]   database: {report['database']}"

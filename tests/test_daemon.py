@@ -16,6 +16,7 @@ import tifffile
 
 from nrrn_daemon import daemon as daemon_mod
 from nrrn_daemon import imageio
+from nrrn_daemon.checkpoints import load_checkpoint
 from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.microscope import Microscope, encode_tiff, write_slowly
 from nrrn_daemon.profiles import load_profile
@@ -353,3 +354,35 @@ def test_repeat_scans_form_the_group(tmp_path, tiny_checkpoint, volume):
     with Store(profile.store.database, readonly=True) as store:
         ds = store.status()["datasets"][0]
     assert ds["waiting"] == 0, ds["slices"]
+
+
+def test_a_new_model_re_denoises_earlier_slices_as_new_versions(
+    tmp_path, tiny_checkpoint, volume, monkeypatch
+):
+    monkeypatch.setattr(daemon_mod, "HEARTBEAT_S", 0.2)
+    profile = make_profile(tmp_path, tiny_checkpoint, **{"model.checkpoint": "dataset"})
+    Microscope(tmp_path / "raw", volume[:3], NAME, interval_s=0.0, chunks=1).run()
+    with Running(profile) as run:
+        run.wait_for(lambda: len(set(run.outputs)) == 3)
+        first_model = run.daemon.model.sha256
+        # A model promoted by hand (`nrrn-daemon models promote`): one short transaction.
+        with Store(profile.store.database) as other:
+            ckpt = load_checkpoint(tiny_checkpoint)
+            model_id = other.ensure_model(
+                sha256=ckpt.content_sha256, path=str(tiny_checkpoint), label="ds-v1",
+                kind="finetuned", config=ckpt.config.to_dict(), dataset_id=run.daemon.dataset_id,
+            )  # fmt: skip
+            other.set_current_model(run.daemon.dataset_id, model_id, promoted=True)
+        run.wait_for(lambda: len(run.outputs) == 6)
+        assert run.daemon.model.label == "ds-v1" and run.daemon.model.sha256 != first_model
+    # Newest first, then every slice has a second version by the new model; the first are kept.
+    assert run.outputs[3:] == [NAME.format(k) for k in (2, 1, 0)]
+    with Store(profile.store.database, readonly=True) as store:
+        for k in range(3):
+            report = store.provenance(NAME.format(k))
+            versions = sorted(
+                (o["version"], o["reason"], o["model"]["label"], o["is_current"])
+                for o in report["outputs"]
+            )
+            assert versions[0][0] == 1 and not versions[0][3]
+            assert versions[1] == (2, "new-model", "ds-v1", True)
