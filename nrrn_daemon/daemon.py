@@ -394,16 +394,17 @@ class Daemon:
         self.state.current = centre.name
         name = self.profile.output_name(centre.name, centre.index)
         try:
-            record = process(
-                item,
-                denoiser=self.denoiser,
-                model=self.model,
-                output_folder=self.output_folder,
-                output_name=name,
-                databar=self.profile.image.databar,
-                databar_rows=self.profile.image.databar_rows,
-                should_stop=lambda: self._stop_reason is not None,
-            )
+            with self.finetuning.live_first():
+                record = process(
+                    item,
+                    denoiser=self.denoiser,
+                    model=self.model,
+                    output_folder=self.output_folder,
+                    output_name=name,
+                    databar=self.profile.image.databar,
+                    databar_rows=self.profile.image.databar_rows,
+                    should_stop=lambda: self._stop_reason is not None,
+                )
         except OutputError as exc:
             # The slice stays ready; the unit is tried again later.
             self.state.retries += 1

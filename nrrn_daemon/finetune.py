@@ -41,6 +41,7 @@ import logging
 import re
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,6 +294,35 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")[-80:] or "dataset"
 
 
+LIVE_SUFFIX = ".live"
+"""``<database>`` + this: exists while the daemon denoises a live slice during a fine-tune."""
+LIVE_FLAG_MAX_AGE_S = 600.0
+"""An older flag is stale (a daemon killed mid-slice): the fine-tune no longer waits for it."""
+
+
+def live_flag(db: Path) -> Path:
+    """The file by which the daemon tells a running fine-tune that live slices come first."""
+    return Path(str(db) + LIVE_SUFFIX)
+
+
+def wait_while_live(flag: Path, poll_s: float = 0.05) -> float:
+    """Between training steps: wait while the daemon denoises a live slice; returns seconds waited.
+
+    Live slices come first: the fine-tune gives the GPU (or the CPU cores) back while the flag
+    exists. The wait counts against the fine-tune's time budget.
+    """
+    waited = 0.0
+    while True:
+        try:
+            age = time.time() - flag.stat().st_mtime
+        except FileNotFoundError:
+            return waited
+        if age > LIVE_FLAG_MAX_AGE_S:
+            return waited
+        time.sleep(poll_s)
+        waited += poll_s
+
+
 def run_finetune(job: FinetuneJob) -> FinetuneResult:
     """Fine-tune ``job.parent`` on the data set's raw slices and judge the candidate.
 
@@ -316,7 +346,10 @@ def run_finetune(job: FinetuneJob) -> FinetuneResult:
         steps=job.steps, minutes=job.minutes, patch=job.patch, batch=job.batch, seed=job.seed,
         device=job.device, validation_fraction=job.validation_fraction,
     )  # fmt: skip
-    ckpt, report = train(stacks, settings, init=parent)
+    flag = live_flag(Path(job.db))
+    ckpt, report = train(
+        stacks, settings, init=parent, on_progress=lambda *_: wait_while_live(flag)
+    )
     triplets = held_out_triplets(stacks, job.validation_fraction)
     verdict = judge(parent, ckpt, triplets, device=job.device, seed=job.seed)
     out = Path(job.models_dir) / slug(job.dataset)

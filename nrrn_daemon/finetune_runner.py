@@ -9,18 +9,26 @@ JSON result when it exits (the daemon stays the database's one writer).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .finetune import FinetuneJob, FinetuneResult, begin, failed_result, record_result
+from .finetune import (
+    FinetuneJob,
+    FinetuneResult,
+    begin,
+    failed_result,
+    live_flag,
+    record_result,
+)
 from .profiles import Profile
 from .provenance import Store
 from .scheduling import FinetuneScheduler, cron_trigger, early_due
@@ -210,6 +218,24 @@ class FinetuneRunner:
         if self._scheduler is not None:
             self._scheduler.shutdown()
             self._scheduler = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a fine-tune subprocess is running now."""
+        return self._child is not None
+
+    @contextlib.contextmanager
+    def live_first(self) -> Iterator[None]:
+        """Around a live unit of work: a running fine-tune pauses between its steps."""
+        if self._child is None:
+            yield
+            return
+        flag = live_flag(self.store.path)
+        flag.touch()
+        try:
+            yield
+        finally:
+            flag.unlink(missing_ok=True)
 
     def next_run(self) -> str | None:
         """ "running since …", the next scheduled time (ISO), or None when not scheduled."""

@@ -279,3 +279,25 @@ def test_the_daemon_finetunes_in_a_subprocess_while_denoising(
     assert status in ("promoted", "rejected") and candidate is not None
     live = [t for t, k in outputs if k == "output" and started <= t <= ended]
     assert live, "slices were denoised while the fine-tune ran"
+
+
+def test_the_finetune_waits_between_steps_while_a_live_slice_is_denoised(tmp_path: Path) -> None:
+    import os
+    import threading
+    import time
+
+    from nrrn_daemon.finetune import live_flag, wait_while_live
+
+    flag = live_flag(tmp_path / "db.sqlite")
+    assert wait_while_live(flag) == 0.0  # nothing live: no wait
+    flag.touch()
+    remover = threading.Timer(0.4, flag.unlink)
+    remover.start()
+    started = time.monotonic()
+    waited = wait_while_live(flag, poll_s=0.02)
+    remover.join()
+    assert waited >= 0.3 and time.monotonic() - started >= 0.35
+    # A flag left by a daemon killed mid-slice does not block a fine-tune forever.
+    flag.touch()
+    os.utime(flag, (time.time() - 3600, time.time() - 3600))
+    assert wait_while_live(flag) == 0.0
