@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_finetune import make_dataset, tiny_parent, write_profile
+from test_finetune import _one_thread, make_dataset, tiny_parent, write_profile  # noqa: F401
 from typer.testing import CliRunner
 
 from nrrn_daemon.cli import app
@@ -17,14 +16,6 @@ from nrrn_daemon.finetune_runner import request_file
 from nrrn_daemon.provenance import Store
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
