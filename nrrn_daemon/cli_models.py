@@ -85,8 +85,8 @@ def finetune(
 ) -> None:
     """Fine-tune a data set's model once, by hand; promote it if it passes the gate."""
     from .daemon import resolve_checkpoint
-    from .finetune import FinetuneJob, begin, failed_result, record_result, run_finetune
-    from .finetune_runner import pid_alive, request_file
+    from .finetune import begin, failed_result, record_result, run_finetune
+    from .finetune_runner import job_for, pid_alive, request_file
     from .profiles import load_profile
     from .provenance import Store
 
@@ -108,13 +108,9 @@ def finetune(
         store.close_dead_finetunes(pid_alive)
         name = _pick_dataset(list(store.dataset_ids()), dataset, prof.watch.folder)
         parent, _ = resolve_checkpoint(prof, store, store.dataset_ids()[name])
-        job = FinetuneJob(
-            db=str(db_path), dataset=name, parent=str(parent),
-            models_dir=str(db_path.parent / "models"),
-            minutes=minutes if minutes is not None else prof.finetune.minutes,
-            validation_fraction=prof.finetune.validation_fraction, steps=steps,
-            device=prof.model.device, databar=prof.image.databar,
-            databar_rows=prof.image.databar_rows,
+        job = job_for(
+            prof, db=db_path, dataset=name, parent=str(parent),
+            models_dir=db_path.parent / "models", minutes=minutes, steps=steps,
         )  # fmt: skip
         ft_id = begin(store, job, os.getpid(), "cli")
         if not as_json:

@@ -9,12 +9,17 @@ owns the database (the daemon, or the CLI when no daemon runs) records it with
 :func:`record_result`. A crash or ``kill -9`` at any point leaves no half-written checkpoint
 (atomic write) and the current model untouched (only :func:`record_result` changes it).
 
-Data: only **raw** slices (state ``ready`` or ``denoised``, never outputs), by index; in
-repeat-scan data sets one scan per index is used (adjacent indices still carry the same signal
-with independent noise). Slices are split into runs of consecutive indices (a gap breaks a
-triplet); runs too short to leave a training triplet outside their validation blocks are skipped.
-At most :data:`MAX_SLICES` slices (the newest) are loaded. Validation slices are
-:func:`~nrrn_daemon.training.validation_blocks` of each run, exactly as ``train`` holds them out.
+Data: only **raw** slices (state ``ready`` or ``denoised``, never outputs), by index. Slices are
+split into runs of consecutive indices (a gap breaks a triplet); runs too short to leave a training
+triplet outside their validation blocks are skipped. At most :data:`MAX_SLICES` slices (the newest)
+are loaded. Validation slices are :func:`~nrrn_daemon.training.validation_blocks` of each run,
+exactly as ``train`` holds them out.
+
+Repeat-scan data sets (``FinetuneJob.scans_per_slice`` ≥ 3) train on **scan triplets**: three
+scans of one slice carry the same signal with independent noise (no slice-to-slice change at
+all), so every index with that many scans is a training unit, gaps do not matter, and whole
+indices are held out for validation (:func:`raw_scan_groups`). With 2 scans per slice no scan
+triplet exists: the first scan of each index is used as an adjacent-slice stack, as above.
 
 The promotion gate (:func:`judge`), on the same validation triplets for both models:
 
@@ -86,6 +91,8 @@ class FinetuneJob:
     patch: int = 96
     batch: int = 8
     seed: int = 0
+    scans_per_slice: int = 1
+    """≥ 3: a repeat-scan data set trained on scan triplets; 1 (or 2): adjacent-slice triplets."""
 
 
 @dataclass
@@ -177,10 +184,52 @@ def raw_runs(store: Store, dataset_id: int, fraction: float) -> list[list[Path]]
     return usable
 
 
-def held_out_triplets(stacks: Sequence[SliceStack], fraction: float) -> list[Triplet]:
-    """The validation triplets ``train`` holds out (whole triplets inside validation blocks)."""
+def raw_scan_groups(
+    store: Store, dataset_id: int, fraction: float, scans_per_slice: int
+) -> list[Path]:
+    """Repeat-scan data sets: the first ``scans_per_slice`` scans of each index that has them.
+
+    Returned as one flat list, index by index (consecutive groups of ``scans_per_slice`` paths
+    are scans of one slice, as :class:`~nrrn_daemon.training.TrainSettings` ``repeat_scans``
+    expects). Indices with fewer scans (still being acquired) are left out.
+
+    Raises
+    ------
+    InputError
+        Too few complete scan groups to train on one and validate on another.
+    """
+    rows = store.slices_in_state(dataset_id, [SliceState.READY, SliceState.DENOISED])
+    by_index: dict[int, list[Path]] = {}
+    for row in rows:  # ordered by index then scan
+        if row.index >= 0 and Path(row.path).is_file():
+            by_index.setdefault(row.index, []).append(Path(row.path))
+    complete = [i for i in sorted(by_index) if len(by_index[i]) >= scans_per_slice]
+    complete = complete[-max(1, MAX_SLICES // scans_per_slice) :]
+    held = set(validation_blocks(len(complete), fraction, 1))
+    if len(complete) < 2 or len(held) >= len(complete):
+        raise InputError(
+            f"data set {dataset_id} has {len(complete)} slices with ≥ {scans_per_slice} scans; "
+            "fine-tuning on scan triplets needs at least 2 (one to train, one to validate) — "
+            "wait for more slices"
+        )
+    return [p for i in complete for p in by_index[i][:scans_per_slice]]
+
+
+def held_out_triplets(
+    stacks: Sequence[SliceStack], fraction: float, scans_per_slice: int = 1
+) -> list[Triplet]:
+    """The validation triplets ``train`` holds out (whole triplets inside validation blocks).
+
+    With ``scans_per_slice`` ≥ 3, the first three scans of each held-out slice (as ``train``).
+    """
     out: list[Triplet] = []
     for stack in stacks:
+        if scans_per_slice >= 3:
+            units = len(stack) // scans_per_slice
+            for g in validation_blocks(units, fraction, 1):
+                first = g * scans_per_slice
+                out.append((stack[first], stack[first + 1], stack[first + 2]))
+            continue
         held = set(validation_blocks(len(stack), fraction, 3))
         for j in range(1, len(stack) - 1):
             if held.issuperset((j - 1, j, j + 1)):
@@ -338,19 +387,25 @@ def run_finetune(job: FinetuneJob) -> FinetuneResult:
         if job.dataset not in ids:
             known = ", ".join(sorted(ids)) or "none"
             raise InputError(f"no data set {job.dataset!r} in {job.db} (known: {known})")
-        runs = raw_runs(store, ids[job.dataset], job.validation_fraction)
+        repeat = job.scans_per_slice >= 3
+        if repeat:
+            runs = [raw_scan_groups(store, ids[job.dataset], job.validation_fraction,
+                                    job.scans_per_slice)]  # fmt: skip
+        else:
+            runs = raw_runs(store, ids[job.dataset], job.validation_fraction)
     databar: DatabarMode = job.databar  # type: ignore[assignment]
     stacks = [SliceStack(run, databar, job.databar_rows) for run in runs]
     parent = load_checkpoint(Path(job.parent))
     settings = TrainSettings(
         steps=job.steps, minutes=job.minutes, patch=job.patch, batch=job.batch, seed=job.seed,
         device=job.device, validation_fraction=job.validation_fraction,
+        repeat_scans=repeat, scans_per_slice=job.scans_per_slice if repeat else 3,
     )  # fmt: skip
     flag = live_flag(Path(job.db))
     ckpt, report = train(
         stacks, settings, init=parent, on_progress=lambda *_: wait_while_live(flag)
     )
-    triplets = held_out_triplets(stacks, job.validation_fraction)
+    triplets = held_out_triplets(stacks, job.validation_fraction, job.scans_per_slice)
     verdict = judge(parent, ckpt, triplets, device=job.device, seed=job.seed)
     out = Path(job.models_dir) / slug(job.dataset)
     out.mkdir(parents=True, exist_ok=True)

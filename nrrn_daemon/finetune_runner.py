@@ -52,6 +52,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def job_for(
+    profile: Profile, *, db: Path, dataset: str, parent: str, models_dir: Path,
+    minutes: float | None = None, steps: int | None = None,
+) -> FinetuneJob:  # fmt: skip
+    """The fine-tune job a profile asks for (by the daemon's runner and ``nrrn-daemon finetune``).
+
+    Repeat-scan data sets with ≥ 3 scans per slice train on scan triplets; otherwise on
+    adjacent-slice triplets (with 2 scans per slice, of each index's first scan).
+    """
+    g = profile.grouping
+    scans = g.scans_per_slice if g.mode == "repeat-scans" and g.scans_per_slice >= 3 else 1
+    return FinetuneJob(
+        db=str(db), dataset=dataset, parent=parent, models_dir=str(models_dir),
+        minutes=float(minutes if minutes is not None else profile.finetune.minutes),
+        validation_fraction=profile.finetune.validation_fraction, steps=steps,
+        device=profile.model.device, databar=profile.image.databar,
+        databar_rows=profile.image.databar_rows, scans_per_slice=scans,
+    )  # fmt: skip
+
+
 def request_file(db: Path) -> Path:
     """Where ``nrrn-daemon finetune`` leaves a request for a running daemon."""
     return Path(str(db) + REQUEST_SUFFIX)
@@ -158,14 +178,10 @@ class FinetuneRunner:
         return False
 
     def _spawn(self, reason: str, overrides: dict[str, Any], parent: str) -> None:
-        ft = self.profile.finetune
-        job = FinetuneJob(
-            db=str(self.store.path), dataset=self.dataset_name, parent=parent,
-            models_dir=str(self.state_folder / "models"),
-            minutes=float(overrides.get("minutes") or ft.minutes),
-            validation_fraction=ft.validation_fraction, steps=overrides.get("steps"),
-            device=self.profile.model.device, databar=self.profile.image.databar,
-            databar_rows=self.profile.image.databar_rows,
+        job = job_for(
+            self.profile, db=Path(self.store.path), dataset=self.dataset_name, parent=parent,
+            models_dir=self.state_folder / "models", minutes=overrides.get("minutes") or None,
+            steps=overrides.get("steps"),
         )  # fmt: skip
         folder = self.state_folder / "finetune"
         folder.mkdir(parents=True, exist_ok=True)

@@ -301,3 +301,83 @@ def test_the_finetune_waits_between_steps_while_a_live_slice_is_denoised(tmp_pat
     flag.touch()
     os.utime(flag, (time.time() - 3600, time.time() - 3600))
     assert wait_while_live(flag) == 0.0
+
+
+# -- repeat-scan data sets ------------------------------------------------------------------------
+SCAN_SLICES = 10
+
+
+def make_scan_dataset(folder: Path, scans: list[np.ndarray]) -> Path:
+    """``scans[s][i]``: scan ``s`` of slice ``i``, recorded as the daemon records repeat scans."""
+    (folder / "raw").mkdir(parents=True)
+    db = folder / "state" / "db.sqlite"
+    with Store(db) as store:
+        ds = store.ensure_dataset("ds", str(folder / "raw"), "test")
+        for s, stack in enumerate(scans):
+            for i, image in enumerate(stack):
+                path = folder / "raw" / f"slice_{i:04d}_scan{s}.tif"
+                tifffile.imwrite(path, image)
+                store.upsert_slice(ds, path=str(path), name=path.name, index=i, scan=s,
+                                   size=path.stat().st_size, mtime=path.stat().st_mtime,
+                                   sha256="x", state="ready")  # fmt: skip
+    return db
+
+
+def test_a_repeat_scan_dataset_finetunes_on_scan_triplets(tmp_path: Path, fib25) -> None:
+    """Three scans of one slice carry the same signal: the fine-tune trains on scan triplets."""
+    clean = np.ascontiguousarray(fib25[100 : 100 + SCAN_SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
+    scans = [noisy_stack(clean, "poisson:4", seed=10 + s) for s in range(3)]
+    # Slice 9's third scan is still being acquired: its group is incomplete and left out.
+    db = make_scan_dataset(tmp_path, [scans[0], scans[1], scans[2][:-1]])
+    parent = tiny_parent(tmp_path / "parent.pt")
+    job = FinetuneJob(
+        db=str(db), dataset="ds", parent=str(parent), models_dir=str(tmp_path / "models"),
+        minutes=1.0, steps=80, device="cpu", patch=48, batch=4, validation_fraction=FRACTION,
+        scans_per_slice=3,
+    )  # fmt: skip
+    from nrrn_daemon.finetune import raw_scan_groups
+
+    with Store(db, readonly=True) as store:
+        paths = raw_scan_groups(store, store.dataset_ids()["ds"], FRACTION, 3)
+    assert [p.name for p in paths[:3]] == [f"slice_0000_scan{s}.tif" for s in range(3)]
+    assert len(paths) == 3 * (SCAN_SLICES - 1), "the incomplete scan group is not used"
+
+    result = run_finetune(job)
+    assert result.status == "promoted", result.reasons
+    held = validation_blocks(SCAN_SLICES - 1, FRACTION, 1)
+    assert result.validation_triplets == len(held) and result.train_slices == len(paths)
+    # On a held-out slice, denoised from its three scans, against the clean volume.
+    j = held[0]
+    scores = {}
+    for name, path in (("parent", result.parent_path), ("candidate", result.candidate_path)):
+        out = Denoiser(load_checkpoint(path), device="cpu", tile=None).denoise(
+            scans[0][j], [scans[1][j], scans[2][j]]
+        )
+        scores[name] = psnr(out, clean[j])
+    assert scores["candidate"] > scores["parent"] + 1.0, scores
+    assert scores["candidate"] > psnr(scans[0][j], clean[j])
+
+
+def test_repeat_scan_jobs_follow_the_profile(tmp_path: Path) -> None:
+    from nrrn_daemon.finetune_runner import job_for
+    from nrrn_daemon.profiles import load_profile
+
+    def job(mode: str, scans: int) -> FinetuneJob:
+        overrides = {"grouping.mode": mode, "grouping.scans_per_slice": scans,
+                     "watch.index_regex": r"s(?P<index>\d+)_(?P<scan>\d+)\.tif$"}  # fmt: skip
+        prof = load_profile("demo", overrides=overrides)
+        return job_for(prof, db=tmp_path / "db", dataset="ds", parent="p.pt", models_dir=tmp_path)
+
+    assert job("repeat-scans", 3).scans_per_slice == 3
+    assert job("repeat-scans", 2).scans_per_slice == 1, "2 scans: adjacent first scans"
+    assert job("adjacent", 3).scans_per_slice == 1
+
+
+def test_too_few_complete_scan_groups_say_so(tmp_path: Path, fib25) -> None:
+    from nrrn_daemon.errors import InputError
+    from nrrn_daemon.finetune import raw_scan_groups
+
+    clean = np.ascontiguousarray(fib25[100:102, :32, :32])
+    db = make_scan_dataset(tmp_path, [noisy_stack(clean, "poisson:4", seed=s) for s in range(2)])
+    with Store(db, readonly=True) as store, pytest.raises(InputError, match="≥ 3 scans"):
+        raw_scan_groups(store, store.dataset_ids()["ds"], FRACTION, 3)
