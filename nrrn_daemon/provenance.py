@@ -270,6 +270,14 @@ class Store:
             raise StoreError(f"no model {model_id} in database {self.path}")
         return label
 
+    def model_path(self, model_id: int) -> str:
+        """The checkpoint path recorded for a model."""
+        with self._unit("read a model", write=False) as session:
+            path = session.scalar(select(ModelVersion.path).where(ModelVersion.id == model_id))
+        if path is None:
+            raise StoreError(f"no model {model_id} in database {self.path}")
+        return path
+
     def current_model_path(self, dataset_id: int) -> str | None:
         """The checkpoint path of the data set's current (promoted) model, if it has one."""
         with self._unit("read the current model", write=False) as session:
@@ -374,6 +382,30 @@ class Store:
                     .order_by(Slice.index.desc(), Slice.id.desc())
                 )
             )
+
+    def current_outputs(self, dataset_id: int) -> dict[int, dict[str, Any]]:
+        """Every current output of a data set, by centre slice id, with its inputs (one read).
+
+        Each value: ``path``, ``sha256``, ``mode``, ``model_id``, ``settings`` and ``inputs``, a
+        set of (slice id, role value, sha256 as read). ``reprocess`` decides from it which
+        slices are already done with a given model.
+        """
+        with self._unit("read current outputs", write=False) as session:
+            rows = session.execute(
+                select(Output, OutputInput)
+                .join(OutputInput, OutputInput.output_id == Output.id)
+                .where(Output.dataset_id == dataset_id, Output.is_current.is_(True))
+            )
+            found: dict[int, dict[str, Any]] = {}
+            for out, item in rows:
+                entry = found.setdefault(
+                    out.centre_slice_id,
+                    {"path": out.path, "sha256": out.sha256, "mode": OutputMode(out.mode).value,
+                     "model_id": out.model_version_id, "settings": out.settings_json,
+                     "inputs": set()},
+                )  # fmt: skip
+                entry["inputs"].add((item.slice_id, InputRole(item.role).value, item.sha256))
+            return found
 
     # -- runs ---------------------------------------------------------------------------------
 
