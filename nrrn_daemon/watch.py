@@ -1,65 +1,57 @@
 """Notice each new slice in the microscope's output folder once it is completely written.
 
-A watchdog observer (inotify, or polling for network shares where inotify sees nothing of
-remote writes) only *hints* that something changed: its handler puts the path in a small
-thread-safe inbox and does nothing else. All decisions happen in :meth:`Watcher.poll`, which
-the daemon loop calls from its own thread:
+Something *hints* that a file may be new or changed; :meth:`Watcher.poll`, called by the
+daemon loop from its own thread, decides. The hints (``observer``) come from a watchdog inotify
+observer (``"native"``: nearly free, but blind to writes made to a network share by another
+machine), watchdog's polling observer (``"polling"``: stats every file each interval, about a
+tenth of a core on a 10,000-file folder at 1 s), both in :mod:`nrrn_daemon.watch_events`, or a
+listing of the folder's *names* that hands on only new ones (``"listing"``, cheap on shares with
+big folders: :mod:`nrrn_daemon.watch_scan`).
 
-1. drain the inbox into a table of *candidates* (files not yet complete);
-2. every ``rescan_interval_s`` (and at start, and after the folder comes back) list the folder
-   with :func:`os.scandir` — a reconciliation scan that finds slices written while the daemon
-   was down and events the observer lost (inotify queue overflow, a share remounted...);
-3. stat every candidate: a file whose size and mtime have not changed for ``settle_s`` is
+Each :meth:`Watcher.poll`:
+
+1. every ``rescan_interval_s`` (and at start, and after the folder comes back) runs a
+   reconciliation scan that stats every file: it finds slices written while the daemon was
+   down, events lost (inotify queue overflow, a share remounted...) and files rewritten in
+   place under a name the listing knows;
+2. takes the hints into a table of *candidates* (files not yet complete);
+3. stats every candidate: a file whose size and mtime have not changed for ``settle_s`` is
    *stable*; a stable file is *complete* once ``decode_check`` decodes it fully.
 
 A stable file that does not decode may still be written by a slow writer that pauses for
 longer than ``settle_s``; it stays a candidate and is reported as *failed* (with the reason)
 only when it has been stable and undecodable for ``failure_grace_s``.
 
-Memory stays flat: the candidate table holds only files that are not complete yet. For each
-reported file, one ``(size, mtime_ns)`` pair is remembered so that a later change (a repeat
-write, a fixed file) is reported again — one small entry per file in the folder, dropped when
-the file disappears from the folder. Whether a re-reported file is a duplicate is for the
-daemon to decide (by sha256).
-
-The watcher never writes into the watch folder: no temporary files, no locks.
+Memory stays flat: candidates are only files not complete yet; each reported file leaves one
+``(size, mtime_ns)`` pair, so that a later change is reported again (whether it is a duplicate
+is for the daemon to decide, by sha256), dropped when the file leaves the folder. The watcher
+never writes into the watch folder: no temporary files, no locks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
-from watchdog.events import (
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
-
 from nrrn_daemon.errors import InputError
+from nrrn_daemon.watch_events import EventHints, Hints
+from nrrn_daemon.watch_scan import IGNORED_SUFFIXES, FolderListing, iter_files, name_wanted
+
+__all__ = ["IGNORED_SUFFIXES", "OBSERVER_KINDS", "DecodeCheck", "PollResult", "Watcher"]
 
 log = logging.getLogger(__name__)
 
 DecodeCheck = Callable[[Path], tuple[bool, str]]
 """``check(path) -> (ok, reason)``: decode the whole image; ``reason`` says why not when not ok."""
 
-IGNORED_SUFFIXES = (".part", ".tmp")
-"""Names a writer uses while a file is not finished; never slices."""
-
-ObserverKind = Literal["native", "polling"]
+ObserverKind = Literal["native", "polling", "listing"]
+OBSERVER_KINDS: tuple[ObserverKind, ...] = ("native", "polling", "listing")
 
 
 @dataclass(frozen=True)
@@ -100,45 +92,6 @@ class _Candidate:
     decode_error: str | None = None  # why the last decode of this (size, mtime) failed
 
 
-class _Inbox:
-    """A thread-safe set of paths: the observer thread adds, the daemon loop drains.
-
-    A set rather than a queue: a 24 MB slice written in small chunks yields hundreds of
-    modified events, and the inbox keeps one entry per file however many arrive between polls.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._paths: set[Path] = set()
-
-    def put(self, path: Path) -> None:
-        with self._lock:
-            self._paths.add(path)
-
-    def __bool__(self) -> bool:
-        with self._lock:
-            return bool(self._paths)
-
-    def drain(self) -> set[Path]:
-        with self._lock:
-            paths, self._paths = self._paths, set()
-        return paths
-
-
-class _Handler(FileSystemEventHandler):
-    """Puts the path of every created / modified / moved-to / closed file on the inbox."""
-
-    def __init__(self, offer: Callable[[Path], None]) -> None:
-        self._offer = offer
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in ("created", "modified", "moved", "closed"):
-            return
-        path = event.dest_path if event.event_type == "moved" else event.src_path
-        if path:
-            self._offer(Path(os.fsdecode(path)))
-
-
 def _default_decode_check() -> DecodeCheck:
     from nrrn_daemon.imageio import slice_is_complete  # late: only the daemon needs it
 
@@ -158,14 +111,16 @@ class Watcher:
     recursive
         Also watch sub-folders.
     observer
-        ``"native"`` (inotify on Linux) or ``"polling"`` — needed on CIFS/NFS clients, where
-        inotify sees nothing of writes made by the acquisition PC.
+        ``"native"`` (inotify on Linux), ``"polling"`` (watchdog's polling observer: stats every
+        file each interval) or ``"listing"`` (lists names each interval, stats only new files;
+        files rewritten in place are seen by the reconciliation scan). The last two are needed
+        on CIFS/NFS clients, where inotify sees nothing of writes made by the acquisition PC.
     poll_interval_s
-        Interval of the polling observer.
+        Interval of the polling observer and of the listing.
     settle_s
         How long size and mtime must stay unchanged before a file is decoded.
     rescan_interval_s
-        Interval of the reconciliation scan that finds files whose events were lost.
+        Interval of the reconciliation scan that stats every file.
     failure_grace_s
         How long a stable file may fail to decode before it is reported as failed;
         default ``max(3 * settle_s, 10.0)``.
@@ -187,8 +142,8 @@ class Watcher:
         failure_grace_s: float | None = None,
         decode_check: DecodeCheck | None = None,
     ) -> None:
-        if observer not in ("native", "polling"):
-            raise ValueError(f"observer must be 'native' or 'polling', got {observer!r}")
+        if observer not in OBSERVER_KINDS:
+            raise ValueError(f"observer must be one of {OBSERVER_KINDS}, got {observer!r}")
         self.folder = Path(os.path.abspath(folder))
         self.glob = glob
         self.recursive = recursive
@@ -200,11 +155,20 @@ class Watcher:
             max(3.0 * settle_s, 10.0) if failure_grace_s is None else failure_grace_s
         )
         self._decode_check = decode_check if decode_check is not None else _default_decode_check()
-        self._inbox = _Inbox()
         self._candidates: dict[Path, _Candidate] = {}
         self._reported: dict[Path, tuple[int, int]] = {}
-        self._observer: BaseObserver | None = None
-        self._folder_id: tuple[int, int] | None = None  # (st_dev, st_ino) the observer watches
+        self._hints: Hints = (
+            FolderListing(self.folder, glob, recursive=recursive, poll_interval_s=poll_interval_s)
+            if observer == "listing"
+            else EventHints(
+                self.folder,
+                self._event_wanted,
+                recursive=recursive,
+                polling=observer == "polling",
+                poll_interval_s=poll_interval_s,
+            )
+        )
+        self._folder_id: tuple[int, int] | None = None  # (st_dev, st_ino) the hints watch
         self._last_scan: float | None = float("-inf")  # None: scanned at start, not stamped
         self._rescan_forced = False
         self._folder_error: str | None = None
@@ -221,7 +185,7 @@ class Watcher:
         """
         self.check_folder()
         try:
-            self._start_observer()
+            self._restart_hints(os.stat(self.folder))
             self._scan()
         except OSError as exc:
             self.stop()
@@ -241,7 +205,7 @@ class Watcher:
 
     def stop(self) -> None:
         """Stop the observer and join its threads. Safe to call twice."""
-        self._stop_observer()
+        self._hints.stop()
 
     def __enter__(self) -> Watcher:
         self.start()
@@ -270,12 +234,20 @@ class Watcher:
     @property
     def idle(self) -> bool:
         """Nothing pending: no candidate waits to settle or decode, no event waits to be seen."""
-        return not self._candidates and not self._inbox
+        return not self._candidates and not self._hints.waiting
+
+    @property
+    def remembered(self) -> int:
+        """Entries held in memory: candidates, reported files and, when listing, known names.
+
+        It follows the folder's size: entries of files that disappear are dropped.
+        """
+        return len(self._candidates) + len(self._reported) + len(self._hints)
 
     # -- the daemon loop's call ------------------------------------------------------------
 
     def poll(self, now: float | None = None) -> PollResult:
-        """Take in events, rescan when due, and return the files that are now complete.
+        """Take in hints, rescan when due, and return the files that are now complete.
 
         Parameters
         ----------
@@ -290,18 +262,15 @@ class Watcher:
             Complete and failed files, and the folder's error state.
         """
         now = time.monotonic() if now is None else now
-        if not self._folder_ok():
-            return PollResult(folder_error=self._folder_error, pending=len(self._candidates))
-        if self._last_scan is None:
-            self._last_scan = now  # the scan made by start()
-        for path in self._inbox.drain():
-            self._candidates.setdefault(path, _Candidate())
-        if self._rescan_forced or now - self._last_scan >= self.rescan_interval_s:
-            try:
-                self._scan(now)
-            except OSError as exc:
-                self._set_folder_error(f"cannot list watch folder {self.folder}: {exc}")
-                return PollResult(folder_error=self._folder_error, pending=len(self._candidates))
+        error = self._take_hints(now)
+        if error is not None:
+            if self._folder_error is None:
+                log.warning("%s — will keep trying", error)
+            self._folder_error = error
+            return PollResult(folder_error=error, pending=len(self._candidates))
+        if self._folder_error is not None:
+            log.warning("watch folder %s is back", self.folder)
+            self._folder_error = None
         complete: list[Path] = []
         failed: list[tuple[Path, str]] = []
         for path in sorted(self._candidates):
@@ -317,20 +286,47 @@ class Watcher:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _wanted(self, path: Path) -> bool:
-        name = path.name
-        if name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES):
-            return False
-        if not fnmatchcase(name, self.glob):
+    def _take_hints(self, now: float) -> str | None:
+        """Check the folder, rescan when due, take the hints; say why the folder is unreadable.
+
+        The hints are restarted when their folder was replaced (a share remounted: a new inode)
+        or their observer died; a rescan follows, and one follows the end of any folder error.
+        """
+        try:
+            st = os.stat(self.folder)
+        except OSError as exc:
+            return f"watch folder {self.folder} is not reachable: {exc}"
+        if not self._hints.alive or (st.st_dev, st.st_ino) != self._folder_id:
+            try:
+                self._restart_hints(st)
+            except OSError as exc:
+                return f"cannot watch folder {self.folder}: {exc}"
+            self._rescan_forced = True
+        if self._folder_error is not None:
+            self._rescan_forced = True
+        if self._last_scan is None:
+            self._last_scan = now  # the scan made by start()
+        since_scan = now - self._last_scan
+        try:
+            if self._rescan_forced or not 0.0 <= since_scan < self.rescan_interval_s:
+                self._scan(now)
+            new, vanished = self._hints.take(now)
+        except OSError as exc:
+            return f"cannot list watch folder {self.folder}: {exc}"
+        for path in vanished:  # the listing saw these go: forget them now
+            self._candidates.pop(path, None)
+            self._reported.pop(path, None)
+        for path in new:
+            self._candidates.setdefault(path, _Candidate())
+        return None
+
+    def _event_wanted(self, path: Path) -> bool:
+        """Whether an observer's event path is a slice file in the watched folder (any thread)."""
+        if not name_wanted(path.name, self.glob):
             return False
         if self.recursive:
             return path.is_relative_to(self.folder)
         return path.parent == self.folder
-
-    def _enqueue(self, path: Path) -> None:
-        """Called on the observer thread: filter by name and put on the inbox, nothing else."""
-        if self._wanted(path):
-            self._inbox.put(path)
 
     def _judge(self, path: Path, cand: _Candidate, now: float) -> tuple[bool, str] | None:
         """Stat one candidate; return ``(ok, reason)`` once it is decided, else ``None``."""
@@ -343,9 +339,12 @@ class Watcher:
         except OSError as exc:  # transient (share hiccup): try again next poll
             log.debug("cannot stat %s: %s", path, exc)
             return None
+        if not stat.S_ISREG(st.st_mode):  # a folder named like a slice: the listing hints names
+            del self._candidates[path]
+            return None
         sig = (st.st_size, st.st_mtime_ns)
         if sig != (cand.size, cand.mtime_ns):
-            if self._reported.get(path) == sig:  # an event for content already reported
+            if self._reported.get(path) == sig:  # a hint for content already reported
                 del self._candidates[path]
                 return None
             if cand.size is None:
@@ -375,28 +374,20 @@ class Watcher:
         except OSError as exc:
             return False, f"cannot read {path}: {exc}"
 
-    def _iter_folder(self, folder: Path) -> Iterator[os.DirEntry[str]]:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if self.recursive:
-                        yield from self._iter_folder(Path(entry.path))
-                elif entry.is_file():
-                    yield entry
-
     def _scan(self, now: float | None = None) -> None:
-        """Reconciliation scan: add files that are new or changed since they were reported.
+        """Reconciliation scan: stat every file; add those new or changed since reported.
 
-        The new candidates are stamped by the next :meth:`poll` (so that every time comes from
-        its ``now``); ``now=None`` (from :meth:`start`) leaves the scan time to it too.
+        The listing is rebuilt first, so that a file created during the scan is found by the
+        scan or by the next listing. The new candidates are stamped by the next :meth:`poll`
+        (so that every time comes from its ``now``); ``now=None`` (from :meth:`start`) leaves
+        the scan time to it too.
         """
+        self._hints.rebuild()
         present: set[Path] = set()
-        for entry in self._iter_folder(self.folder):
-            path = Path(entry.path)
-            if not self._wanted(path):
+        for entry in iter_files(self.folder, self.recursive):
+            if not name_wanted(entry.name, self.glob):
                 continue
+            path = Path(entry.path)
             present.add(path)
             if path in self._candidates:
                 continue
@@ -404,71 +395,14 @@ class Watcher:
                 st = entry.stat()
             except OSError:
                 continue
-            sig = (st.st_size, st.st_mtime_ns)
-            if self._reported.get(path) != sig:
+            if self._reported.get(path) != (st.st_size, st.st_mtime_ns):
                 self._candidates[path] = _Candidate()
         for gone in self._reported.keys() - present:  # keep the memory of reported files flat
             del self._reported[gone]
         self._last_scan = now
         self._rescan_forced = False
 
-    def _folder_ok(self) -> bool:
-        """Check the folder; restart the observer when it came back or was replaced."""
-        try:
-            st = os.stat(self.folder)
-        except OSError as exc:
-            self._set_folder_error(f"watch folder {self.folder} is not reachable: {exc}")
-            return False
-        observer_dead = (
-            self._observer is None
-            or not self._observer.is_alive()
-            or any(not emitter.is_alive() for emitter in self._observer.emitters)
-        )
-        if observer_dead or (st.st_dev, st.st_ino) != self._folder_id:
-            try:
-                self._stop_observer()
-                self._start_observer()
-            except OSError as exc:
-                self._set_folder_error(f"cannot watch folder {self.folder}: {exc}")
-                return False
-            self._rescan_forced = True
-        if self._folder_error is not None:
-            log.warning("watch folder %s is back; rescanning", self.folder)
-            self._folder_error = None
-            self._rescan_forced = True
-        return True
-
-    def _set_folder_error(self, message: str) -> None:
-        if self._folder_error is None:
-            log.warning("%s — will keep trying", message)
-        self._folder_error = message
-
-    def _start_observer(self) -> None:
-        st = os.stat(self.folder)
-        observer: BaseObserver = (
-            PollingObserver(timeout=self.poll_interval_s)
-            if self.observer_kind == "polling"
-            else Observer()
-        )
-        observer.name = "nrrn-watch-observer"
-        observer.schedule(
-            _Handler(self._enqueue),
-            str(self.folder),
-            recursive=self.recursive,
-            event_filter=[FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent],
-        )
-        try:
-            observer.start()
-        except BaseException:
-            observer.stop()  # also closes the inotify descriptor thread
-            raise
-        self._observer = observer
-        self._folder_id = (st.st_dev, st.st_ino)
-
-    def _stop_observer(self) -> None:
-        observer, self._observer = self._observer, None
-        if observer is None:
-            return
-        observer.stop()
-        if observer.ident is not None:
-            observer.join()
+    def _restart_hints(self, folder_stat: os.stat_result) -> None:
+        self._hints.stop()
+        self._hints.start()
+        self._folder_id = (folder_stat.st_dev, folder_stat.st_ino)

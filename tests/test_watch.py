@@ -1,7 +1,8 @@
-"""The watcher, with real watchdog observers (inotify and polling) on real folders and TIFFs.
+"""The watcher, with real observers (inotify, polling, listing) on real folders and TIFFs.
 
 A ``microscope`` fixture plays the acquisition PC: it writes real TIFF slices, in parts with
-pauses longer than the settle time, the way a slow writer on a share does.
+pauses longer than the settle time, the way a slow writer on a share does. What only the listing
+mode does (no stat of known files, forgetting, recursion by listing) is in test_watch_scan.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from nrrn_daemon.watch import PollResult, Watcher
 SETTLE = 0.25
 GRACE = 1.0
 GLOB = "SEM Image - SliceImage - *.tif"
-KINDS = ["native", "polling"]
+KINDS = ["native", "polling", "listing"]
+EVENT_KINDS = ["native", "polling"]  # watchdog observers: a thread, events that can be lost
 
 
 def tiff_decodes(path: Path) -> tuple[bool, str]:
@@ -205,11 +207,11 @@ def test_a_restarted_watcher_reports_old_files_again(folder: Path, microscope: M
 class DeafWatcher(Watcher):
     """A watcher whose observer loses every event (an inotify overflow, a remote write)."""
 
-    def _enqueue(self, path: Path) -> None:
-        pass
+    def _event_wanted(self, path: Path) -> bool:
+        return False
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EVENT_KINDS)
 def test_lost_events_are_found_by_the_periodic_rescan(
     folder: Path, microscope: Microscope, kind: str
 ):
@@ -268,13 +270,15 @@ def test_a_part_file_renamed_into_place_is_reported(watcher: Watcher, folder: Pa
     assert seen.complete == [folder / slice_name(10)]
 
 
-def test_a_rewritten_file_is_reported_again(watcher: Watcher, microscope: Microscope):
-    path = microscope.write(slice_name(11), tiff_bytes(11))
-    assert poll_until(watcher, lambda s: bool(s.complete)).complete == [path]
-    assert poll_for(watcher, 2 * SETTLE).complete == []
+@pytest.mark.parametrize("kind", EVENT_KINDS)  # the listing: test_watch_scan.py
+def test_a_rewritten_file_is_reported_again(folder: Path, microscope: Microscope, kind: str):
+    with make_watcher(folder, kind) as watcher:
+        path = microscope.write(slice_name(11), tiff_bytes(11))
+        assert poll_until(watcher, lambda s: bool(s.complete)).complete == [path]
+        assert poll_for(watcher, 2 * SETTLE).complete == []
 
-    microscope.write(slice_name(11), tiff_bytes(12, shape=(200, 256)))
-    assert poll_until(watcher, lambda s: bool(s.complete)).complete == [path]
+        microscope.write(slice_name(11), tiff_bytes(12, shape=(200, 256)))
+        assert poll_until(watcher, lambda s: bool(s.complete)).complete == [path]
 
 
 def test_the_watch_folder_is_never_written(watcher: Watcher, microscope: Microscope):
@@ -313,23 +317,26 @@ def test_a_vanished_folder_is_reported_and_recovered(
         assert seen.complete == [first]
         assert watcher.poll().folder_error is None
 
-        # The observer was restarted: a new file is found by its events, with no rescan due.
+        # The observer (or listing) was restarted: a new file is found, with no rescan due.
         second = microscope.write(slice_name(2), tiff_bytes(2))
         assert poll_until(watcher, lambda s: bool(s.complete)).complete == [second]
     assert [t.name for t in set(threading.enumerate()) - before] == []  # old observer joined
 
 
-def test_recursive_watch_finds_slices_in_subfolders(folder: Path, microscope: Microscope):
+@pytest.mark.parametrize("kind", KINDS)
+def test_recursive_watch_finds_slices_in_subfolders(
+    folder: Path, microscope: Microscope, kind: str
+):
     sub = folder / "run-2"
     sub.mkdir()
     old = microscope.write("run-2/" + slice_name(1), tiff_bytes(1))
-    with make_watcher(folder, recursive=True) as watcher:
+    with make_watcher(folder, kind, recursive=True) as watcher:
         new = microscope.write("run-2/" + slice_name(2), tiff_bytes(2))
         seen = poll_until(watcher, lambda s: len(s.complete) == 2)
     assert sorted(seen.complete) == [old, new]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EVENT_KINDS)
 def test_stop_joins_every_observer_thread(folder: Path, kind: str):
     before = set(threading.enumerate())
     watcher = make_watcher(folder, kind)
