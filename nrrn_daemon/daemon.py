@@ -2,9 +2,19 @@
 
 :meth:`Daemon.work` is a plain loop (STYLE habit 5): signal handlers only call
 :meth:`Daemon.request_stop`; each turn polls the watcher for complete files, records them, lets
-the grouper say which slices can be denoised, processes one unit at a time and writes a heartbeat.
-Every exit path says why; the watcher stops and the run is closed in ``finally``. ``burst=True``
-processes what is in the folder (edges as pairs) and returns, which keeps tests deterministic.
+the grouper say which slices can be denoised, submits those units to the
+:class:`~nrrn_daemon.pipeline.Pipeline` (reader, model and writer threads, so the host's I/O
+overlaps with the model), records the units it finished and writes a heartbeat. The loop is the
+store's one writer. Every exit path says why; the watcher stops, the pipeline finishes its
+writes and the run is closed in ``finally``. ``burst=True`` processes what is in the folder
+(edges as pairs) and returns, which keeps tests deterministic.
+
+Each slice is read once (:class:`~nrrn_daemon.slicecache.SliceCache`): when the loop takes a
+complete file in, one read gives its sha256 and its pixels, and the units that use it (as the
+previous slice, the centre, the next slice) take it from memory. Files are taken in only while
+fewer than :data:`~nrrn_daemon.pipeline.MAX_AHEAD` units wait for the model (the others wait,
+as paths, unread), so the cache still holds the slices the next units need when they run, and
+memory stays flat. ``Daemon(overlap=False)`` is the synchronous design, kept to compare.
 
 Crash safety: outputs are written atomically and recorded in the store afterwards, so a kill at
 any point leaves either no output file, or a complete file that the restarted daemon re-makes and
@@ -28,23 +38,25 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import tifffile
-
 from . import __version__
+from .arrivals import Arrivals
 from .checkpoints import BASE_CHECKPOINT, Checkpoint, load_checkpoint
 from .denoise import Denoiser
 from .errors import Abandoned, InputError, NRRNError, OutputError
 from .finetune_runner import FinetuneRunner
-from .imageio import sha256_file
-from .outputs import ModelInfo, OutputRecord, process
+from .outputs import ModelInfo, OutputRecord
+from .pipeline import CACHE_SLICES, MAX_AHEAD, Done, Job, Pipeline
 from .profiles import Profile
 from .provenance import Store
-from .slices import SliceRef, parse_slice
-from .states import InputRole, ModelKind, OutputReason, SliceState
-from .triplets import TripletGrouper, Work, WorkMode
+from .recording import record_unit
+from .slicecache import SliceCache, read_unhashed
+from .slices import SliceRef
+from .states import ModelKind, OutputReason, SliceState
+from .triplets import TripletGrouper, Work
 from .watch import Watcher
 
 log = logging.getLogger("nrrn_daemon")
@@ -55,6 +67,8 @@ RETRY_S = 10.0
 """Seconds before a unit whose output could not be written is tried again."""
 IDLE_WAIT_S = 0.1
 """Sleep of an idle loop turn (the watcher and the grouper's timeouts are checked each turn)."""
+STOP_TIMEOUT_S = 30.0
+"""At stop, how long each pipeline stage may take to finish (the writer: its last outputs)."""
 
 
 @dataclass
@@ -99,6 +113,10 @@ class Daemon:
         Optional callback ``(kind, data)`` for a live view ("output", "failed", "heartbeat"...).
     finetune_trigger
         An APScheduler trigger replacing the profile's ``finetune.cron`` (tests).
+    overlap
+        True: read, denoise and write in three threads, each slice read once. False: the
+        synchronous design (each unit read, denoised and written in turn by the loop, inputs read
+        per unit), kept to measure against (``benchmarks/daemon_overhead.py``).
     """
 
     def __init__(
@@ -108,8 +126,10 @@ class Daemon:
         *,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         finetune_trigger: Any = None,
+        overlap: bool = True,
     ) -> None:
         self.profile = profile
+        self.overlap = overlap
         self.store = store
         self.on_event = on_event or (lambda kind, data: None)
         self.watch_folder = Path(profile.watch.folder).expanduser().resolve()
@@ -119,8 +139,9 @@ class Daemon:
         self._wake = threading.Event()
         self._retry: deque[tuple[float, Work]] = deque()
         self._stale: deque[str] = deque()  # slices to re-denoise with a new model, newest first
-        self._shape: tuple[int, ...] | None = None
+        self._arrived: deque[Path] = deque()  # complete files not taken in yet (paths only)
         self._run_id: int | None = None
+        self._serving_lock = threading.Lock()  # the model thread reads denoiser + model together
         self.dataset_name = str(self.watch_folder)
         self.dataset_id = store.ensure_dataset(
             name=self.dataset_name,
@@ -137,6 +158,8 @@ class Daemon:
             device=profile.model.device,
             tile=profile.model.tile,
             tile_batch=profile.model.tile_batch,
+            precision=profile.model.precision,
+            compile=profile.model.compile,
         )
         model_id = store.ensure_model(
             sha256=ckpt.content_sha256,
@@ -154,6 +177,22 @@ class Daemon:
             path=str(ckpt_path),
             store_id=model_id,
         )
+        image = profile.image
+        self.cache = SliceCache(CACHE_SLICES if overlap else 0, image.databar, image.databar_rows)
+        self.pipeline = Pipeline(
+            load=self.cache.load
+            if overlap
+            else partial(read_unhashed, databar=image.databar, databar_rows=image.databar_rows),
+            serving=self._serving,
+            output_folder=self.output_folder,
+            databar=image.databar,
+            databar_rows=image.databar_rows,
+            should_stop=lambda: self._stop_reason is not None,
+            live=self.finetuning.live_first,
+            wake=self._wake.set,
+            on_current=lambda name: setattr(self.state, "current", name),
+            threaded=overlap,
+        )
         g = profile.grouping
         self.grouper = TripletGrouper(
             mode=g.mode,
@@ -170,7 +209,14 @@ class Daemon:
             poll_interval_s=w.poll_interval_s,
             settle_s=w.settle_s,
             rescan_interval_s=w.rescan_interval_s,
+            decode_check=self.cache.check if overlap else None,
         )
+        self.arrivals = Arrivals(
+            profile=profile, store=store, dataset_id=self.dataset_id,
+            watch_folder=self.watch_folder, grouper=self.grouper,
+            cache=self.cache if overlap else None, state=self.state, on_event=self.on_event,
+            submit=self._submit,
+        )  # fmt: skip
 
     # -- control ---------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -219,11 +265,14 @@ class Daemon:
         try:
             self.watcher.check_folder()  # before anything is created or scheduled
             self._recover()
+            self.denoiser.warm_up()  # compiles now, so that no slice waits for it
             if not burst:
                 self.finetuning.start()
             self.watcher.start()
+            self.pipeline.start()
             while self._stop_reason is None:
                 now = time.time()
+                self._wake.clear()  # set again by a stop, a finished unit, room in the pipeline
                 busy = self._turn(now)
                 if not burst and self.finetuning.turn(now, self.model.path):
                     self._sync_model()
@@ -232,10 +281,13 @@ class Daemon:
                         self._sync_model()
                     self._heartbeat(run_id)
                     last_beat = now
-                if burst and not busy and self.watcher.idle and not self._retry:
-                    for item in self.grouper.flush():
-                        self._run_unit(item)
-                    self.request_stop("burst complete")
+                settled = not (busy or self._retry or self._arrived) and self.pipeline.idle
+                if burst and settled and self.watcher.idle:
+                    flushed = self.grouper.flush()  # the edges, with what they have
+                    for item in flushed:
+                        self._submit(item)
+                    if not flushed:
+                        self.request_stop("burst complete")
                 elif not busy:
                     self._wake.wait(IDLE_WAIT_S)
             reason = self._stop_reason or "stopped"
@@ -248,164 +300,72 @@ class Daemon:
         finally:
             self.watcher.stop()
             self.finetuning.stop()
+            for done in self.pipeline.close(STOP_TIMEOUT_S):  # outputs written are recorded
+                self._finish(done, closing=True)
             self._heartbeat(run_id)
             self.store.end_run(run_id, reason)
             log.info("stopped: %s", reason)
         return reason
 
     def _turn(self, now: float) -> bool:
-        """One turn: new files, timeouts, one unit of work. True when something was done."""
-        result = self.watcher.poll(now)
+        """One turn: new files, timeouts, submit units, record finished ones. True if busy."""
+        result = self.watcher.poll(now)  # cheap: stats, and headers of stable files
         self.state.folder_error = result.folder_error
-        for path in result.complete:
+        self._arrived.extend(result.complete)
+        for path, why in result.failed:
+            self.arrivals.failed_on_arrival(path, why)
+        busy = bool(result.failed)
+        # Complete files are taken in (read, hashed, grouped) only while the model has room, so
+        # that the slices read stay in the cache until the units that use them have run.
+        while self._arrived and self.pipeline.ahead < MAX_AHEAD:
+            path = self._arrived.popleft()
+            busy = True
             try:
-                self._slice_complete(path, now)
-            except (OSError, InputError) as exc:  # gone or unreadable since it was found complete
+                self.arrivals.complete(path, now)
+            except (OSError, InputError) as exc:  # gone or unreadable since found complete
                 if path.exists():
-                    self._fail(path, None, f"cannot read it: {exc}")
+                    self.arrivals.fail(path, None, f"cannot read it: {exc}")
                 else:
                     log.warning("%s disappeared before it could be read; skipped", path.name)
-        for path, why in result.failed:
-            self._slice_failed_on_arrival(path, why)
         works = self.grouper.tick(now)
         while self._retry and self._retry[0][0] <= now:
             works.append(self._retry.popleft()[1])
         for item in works:
             if self._stop_reason is not None:
                 break
-            self._run_unit(item)
-        busy = bool(result.complete or result.failed or works)
-        if not busy and self._stale and self._stop_reason is None:
-            # Live slices first: one older output is re-made per idle turn.
+            self._submit(item)
+        finished = self.pipeline.collect()
+        for done in finished:
+            self._finish(done)
+        busy = busy or bool(works or finished)
+        if not busy and self._stale and self._stop_reason is None and self.pipeline.idle:
+            # Live slices first: one older output is re-made when nothing else is under way.
             self._redenoise(Path(self._stale.popleft()))
             busy = True
         return busy
 
     def _redenoise(self, path: Path) -> None:
         """Make a new output version of ``path`` with the model now in service."""
-        ref = parse_slice(path, self.watch_folder, self.profile.watch, self.profile.grouping.mode)
+        ref = self.arrivals.parse(path)
         if not isinstance(ref, SliceRef) or not path.exists():
             return
-        self._run_unit(self._same_inputs_as_before(ref), OutputReason.NEW_MODEL)
-
-    # -- arrivals --------------------------------------------------------------------------
-    def _slice_complete(self, path: Path, now: float) -> None:
-        ref = parse_slice(path, self.watch_folder, self.profile.watch, self.profile.grouping.mode)
-        if ref is None:  # not a slice of ours (the glob does not match)
-            return
-        if not isinstance(ref, SliceRef):
-            self._record_rejected(path, str(ref))
-            return
-        st = path.stat()
-        known = self.store.get_slice(self.dataset_id, str(path))
-        sha = sha256_file(path)
-        if known is not None and known.state == SliceState.DENOISED and known.sha256 == sha:
-            # A repeat of a slice already processed (same content): not re-done.
-            fallback = "repeat" if self.profile.grouping.mode == "repeat-scans" else "triplet"
-            self.grouper.add_done(ref, self.store.current_mode(known.id) or fallback)
-            return
-        changed = known is not None and known.state == SliceState.DENOISED
-        try:
-            with tifffile.TiffFile(path) as tif:
-                shape = tuple(tif.pages[0].shape)
-        except Exception as exc:  # noqa: BLE001 - any header problem is the file's
-            self._fail(path, ref, f"cannot read TIFF header: {exc}")
-            return
-        if self._shape is None:
-            self._shape = shape
-        elif shape != self._shape:
-            self._fail(
-                path,
-                ref,
-                f"slice is {'×'.join(map(str, shape))} but this data set's slices are "
-                f"{'×'.join(map(str, self._shape))}; it is not denoised nor used as a neighbour",
-            )
-            return
-        self.store.upsert_slice(
-            self.dataset_id,
-            path=str(path),
-            name=path.name,
-            index=ref.index,
-            scan=ref.scan,
-            size=st.st_size,
-            mtime=st.st_mtime,
-            sha256=sha,
-            state=SliceState.READY,
-            ready_at=now,
-        )
-        self.state.seen += 1
-        self.on_event("ready", {"name": path.name, "index": ref.index})
-        if changed:
-            # New content under a name already denoised: a new output version, same neighbours.
-            log.warning("%s changed on disk since it was denoised: denoising it again", path.name)
-            self._run_unit(self._same_inputs_as_before(ref), OutputReason.INPUT_CHANGED)
-            return
-        for item in self.grouper.add(ref, now):
-            self._run_unit(item)
-
-    def _same_inputs_as_before(self, ref: SliceRef) -> Work:
-        """A unit for ``ref`` with the neighbours its current output used (those still there)."""
-        report = self.store.provenance(str(ref.path))
-        current = next(o for o in report["outputs"] if o["is_current"])
-        neighbours = []
-        for item in current["inputs"]:
-            path = Path(item["path"])
-            if item["role"] != InputRole.CENTRE.value and path.exists():
-                other = parse_slice(
-                    path, self.watch_folder, self.profile.watch, self.profile.grouping.mode
-                )
-                if isinstance(other, SliceRef):
-                    neighbours.append(other)
-        mode = current["mode"] if len(neighbours) == len(current["inputs"]) - 1 else None
-        if mode is None:
-            mode = WorkMode.PAIR if neighbours else WorkMode.SINGLE
-        return Work(centre=ref, neighbours=tuple(neighbours), mode=WorkMode(mode))
-
-    def _slice_failed_on_arrival(self, path: Path, why: str) -> None:
-        ref = parse_slice(path, self.watch_folder, self.profile.watch, self.profile.grouping.mode)
-        self._fail(path, ref if isinstance(ref, SliceRef) else None, why)
-
-    def _record_rejected(self, path: Path, why: str) -> None:
-        log.warning("ignoring %s: %s", path.name, why)
-        self._fail(path, None, why)
-
-    def _fail(self, path: Path, ref: SliceRef | None, why: str) -> None:
-        st = path.stat() if path.exists() else None
-        self.store.upsert_slice(
-            self.dataset_id,
-            path=str(path),
-            name=path.name,
-            index=ref.index if ref else -1,
-            scan=ref.scan if ref else None,
-            size=st.st_size if st else 0,
-            mtime=st.st_mtime if st else 0.0,
-            sha256="",
-            state=SliceState.FAILED,
-            reason=why,
-        )
-        self.state.failed += 1
-        self.state.recent_failures.append(f"{path.name}: {why}")
-        log.error("%s failed: %s", path.name, why)
-        self.on_event("failed", {"name": path.name, "reason": why})
+        self._submit(self.arrivals.same_inputs_as_before(ref), OutputReason.NEW_MODEL)
 
     # -- units -----------------------------------------------------------------------------
-    def _run_unit(self, item: Work, reason: OutputReason | None = None) -> None:
-        centre = item.centre
-        self.state.current = centre.name
-        name = self.profile.output_name(centre.name, centre.index)
-        try:
-            with self.finetuning.live_first():
-                record = process(
-                    item,
-                    denoiser=self.denoiser,
-                    model=self.model,
-                    output_folder=self.output_folder,
-                    output_name=name,
-                    databar=self.profile.image.databar,
-                    databar_rows=self.profile.image.databar_rows,
-                    should_stop=lambda: self._stop_reason is not None,
-                )
-        except OutputError as exc:
+    def _submit(self, item: Work, reason: OutputReason | None = None) -> None:
+        """Hand a unit to the pipeline (overlapping: it runs beside the loop; else now)."""
+        if reason is None:
+            reason = OutputReason.REDO_AS_TRIPLET if item.redo else OutputReason.FIRST
+        name = self.profile.output_name(item.centre.name, item.centre.index)
+        self.pipeline.submit(Job(item, reason, name))
+
+    def _finish(self, done: Done, *, closing: bool = False) -> None:
+        """Record a finished unit, or act on what ended it (retry, fail, leave for next start)."""
+        item, exc, centre = done.job.work, done.error, done.job.work.centre
+        if exc is None:
+            assert done.record is not None
+            self._record(item, done.record, done.job.reason)
+        elif isinstance(exc, OutputError):
             # The slice stays ready; the unit is tried again later.
             self.state.retries += 1
             row = self.store.get_slice(self.dataset_id, str(centre.path))
@@ -416,58 +376,24 @@ class Daemon:
             log.error("%s — will retry in %.0f s", exc, RETRY_S)
             self.on_event("retry", {"name": centre.name, "reason": str(exc)})
             self._retry.append((time.time() + RETRY_S, item))
-            return
-        except InputError as exc:
-            self._fail(centre.path, centre, str(exc))
-            return
-        except Abandoned:
+        elif isinstance(exc, InputError):
+            self.arrivals.fail(centre.path, centre, str(exc))
+        elif isinstance(exc, Abandoned):
             # Stopping: the slice stays ready (no output written); the next start redoes it.
             log.info("%s abandoned to stop quickly; it is denoised at the next start", centre.name)
-            return
-        finally:
-            self.state.current = None
-        if reason is None:
-            reason = OutputReason.REDO_AS_TRIPLET if item.redo else OutputReason.FIRST
-        self._record(item, record, reason)
+        elif closing:  # already on the way out: say it, and record the others
+            log.error("%s not denoised: %s: %s", centre.name, type(exc).__name__, exc)
+        else:
+            raise exc
 
     def _record(self, item: Work, record: OutputRecord, reason: OutputReason) -> None:
-        refs = [item.centre, *item.neighbours]
-        rows = {r.path: self.store.get_slice(self.dataset_id, str(r.path)) for r in refs}
-        roles = _roles(item)
-        centre_row = rows[item.centre.path]
-        assert centre_row is not None, "a slice reached the grouper without a store row"
-        inputs = []
-        for ref, role in zip(refs, roles, strict=True):
-            row = rows[ref.path]
-            if row is not None:
-                inputs.append((row.id, role, row.sha256))
-        latency = record.finished_at - (centre_row.ready_at or record.started_at)
-        self.store.record_output(
-            dataset_id=self.dataset_id,
-            centre_slice_id=centre_row.id,
-            inputs=inputs,
-            path=str(record.path),
-            sha256=record.sha256,
-            mode=record.mode,
-            model_id=self.model.store_id,
-            settings=record.settings,
-            device=record.device,
-            ready_at=centre_row.ready_at or record.started_at,
-            started_at=record.started_at,
-            finished_at=record.finished_at,
-            read_s=record.read_s,
-            model_s=record.model_s,
-            write_s=record.write_s,
-            reason=reason,
-            run_id=self._run_id,
-        )
-        for ref, role in zip(refs, roles, strict=True):
-            row = rows[ref.path]
-            if role == InputRole.SCAN and row is not None and row.state == SliceState.READY:
-                # A repeat scan is consumed by its slice's output: it waits for nothing more.
-                self.store.set_slice_state(
-                    row.id, SliceState.DENOISED, reason=f"scan used for {item.centre.name}"
-                )
+        model = record.model or self.model
+        latency = record_unit(
+            self.store, dataset_id=self.dataset_id, run_id=self._run_id, work=item,
+            record=record, reason=reason, model=model,
+        )  # fmt: skip
+        if model.store_id != self.model.store_id:  # made by the model in service before a switch
+            self._stale.appendleft(str(item.centre.path))
         self.state.denoised += 1
         self.state.last_output = record.path.name
         self.state.last_latency_s = latency
@@ -495,9 +421,10 @@ class Daemon:
         except NRRNError as exc:
             log.error("cannot switch to the data set's current model: %s", exc)
             return
-        self.denoiser = Denoiser(
+        denoiser = Denoiser(
             ckpt, device=self.profile.model.device, tile=self.profile.model.tile,
-            tile_batch=self.profile.model.tile_batch,
+            tile_batch=self.profile.model.tile_batch, precision=self.profile.model.precision,
+            compile=self.profile.model.compile,
         )  # fmt: skip
         model_id = self.store.current_model_id(self.dataset_id)
         if model_id is None:  # rolled back to the base checkpoint
@@ -505,10 +432,12 @@ class Daemon:
                 sha256=ckpt.content_sha256, path=current, label=f"base-{ckpt.short_sha}",
                 kind=ModelKind.BASE, config=ckpt.config.to_dict(),
             )  # fmt: skip
-        self.model = ModelInfo(
-            label=self.store.model_label(model_id), sha256=ckpt.content_sha256, path=current,
-            store_id=model_id,
-        )  # fmt: skip
+        with self._serving_lock:  # units that start from now on use the new model
+            self.denoiser = denoiser
+            self.model = ModelInfo(
+                label=self.store.model_label(model_id), sha256=ckpt.content_sha256,
+                path=current, store_id=model_id,
+            )  # fmt: skip
         self._stale = deque(self.store.stale_outputs(self.dataset_id, model_id))
         log.info(
             "now denoising with model %s; re-denoising %d earlier slices in the background",
@@ -516,6 +445,11 @@ class Daemon:
             len(self._stale),
         )
         self.on_event("model", {"label": self.model.label})
+
+    def _serving(self) -> tuple[Denoiser, ModelInfo]:
+        """The model in service and its provenance name, read together (by the model thread)."""
+        with self._serving_lock:
+            return self.denoiser, self.model
 
     # -- start-up and heartbeat ------------------------------------------------------------
     def _recover(self) -> None:
@@ -527,15 +461,7 @@ class Daemon:
         except OSError as exc:
             # Not fatal: every write is retried and says why; the raw data is safe meanwhile.
             log.error("output folder %s is not usable: %s", self.output_folder, exc)
-        for row, mode in self.store.denoised_slices(self.dataset_id):
-            path = Path(row.path)
-            if path.exists() and _unchanged(path, row):
-                ref = parse_slice(
-                    path, self.watch_folder, self.profile.watch, self.profile.grouping.mode
-                )
-                if isinstance(ref, SliceRef):
-                    self.grouper.add_done(ref, mode)
-                    self.watcher.mark_known(path)
+        self.arrivals.seed(self.watcher.mark_known)
 
     def _heartbeat(self, run_id: int) -> None:
         s = self.state
@@ -561,19 +487,3 @@ class Daemon:
             },
         )
         self.on_event("heartbeat", {"state": s})
-
-
-def _roles(item: Work) -> list[str]:
-    """Centre first, then each neighbour: a scan of the same index, or the previous / next slice."""
-    roles = [InputRole.CENTRE]
-    for ref in item.neighbours:
-        if ref.index == item.centre.index:
-            roles.append(InputRole.SCAN)
-        else:
-            roles.append(InputRole.PREV if ref.index < item.centre.index else InputRole.NEXT)
-    return roles
-
-
-def _unchanged(path: Path, row: Any) -> bool:
-    st = path.stat()
-    return st.st_size == row.size and abs(st.st_mtime - row.mtime) < 1e-3

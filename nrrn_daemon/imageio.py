@@ -11,27 +11,15 @@ in the destination folder (ignored by ``*.tif`` globs and watchers), then flush,
 ``os.replace`` onto the final name and fsync the folder: a crash never leaves a half-written file
 under the final name. Output is uncompressed.
 
-Metadata decisions:
-
-- Kept tags (:data:`KEPT_TAGS`) are copied from the raw bytes of the input file, not from
-  tifffile's parsed values, so FEI (34680/34682) and ZEISS (34118) tags stay byte-identical. An
-  ASCII tag without a terminating NUL would get one appended by tifffile; for those SEM tags only,
-  the value is then written as UNDEFINED (same bytes, same count) so the bytes still match.
-- Resolution (282/283/296) goes through tifffile's ``resolution`` arguments (tifffile always writes
-  those tags itself); the value is kept, a non-reduced fraction such as 72/2 is stored reduced.
-- ImageDescription (270) becomes the caller's description; an original description is kept after it,
-  behind :data:`ORIGINAL_DESCRIPTION_MARKER` (see :func:`split_description`), so the first line a
-  viewer shows says what was done and nothing of the original is lost.
+Which metadata is kept, and as which bytes: see :mod:`nrrn_daemon.tiffmeta`.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import os
-import secrets
+import io
+import os  # noqa: F401 - kept as imageio.os, which callers' tests patch (os.replace...)
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,20 +28,24 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import tifffile
 
-from .errors import InputError, OutputError
+from .errors import InputError
+from .files import atomic_write, safe_join, sha256_file
+from .tiffmeta import (
+    KEPT_TAGS,
+    ORIGINAL_DESCRIPTION_MARKER,
+    SEM_TAGS,
+    TagTuple,
+    fei_metadata,
+    kept_tags,
+    raw_tag,
+    split_description,
+    split_resolution,
+    text_of,
+)
 
 DatabarMode = Literal["none", "fei", "rows"]
-TagTuple = tuple[int, int, int, Any, bool]
-"""One tag in tifffile's ``extratags`` format: (code, dtype, count, value, writeonce)."""
 
 DENOISABLE_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.uint8), np.dtype(np.uint16))
-SEM_TAGS = frozenset({34118, 34680, 34682})
-"""ZEISS CZ_SEM, FEI_SFEG, FEI_HELIOS: vendor metadata that must stay byte-identical."""
-KEPT_TAGS = frozenset({269, 271, 272, 282, 283, 285, 296, 305, 306, 315, 316, 33432} | SEM_TAGS)
-"""DocumentName, Make, Model, X/YResolution, PageName, ResolutionUnit, Software, DateTime, Artist,
-HostComputer, Copyright and the SEM tags. ImageDescription (270) is handled separately."""
-ORIGINAL_DESCRIPTION_MARKER = "\n\n--- original ImageDescription ---\n"
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,8 +87,11 @@ class SliceImage:
 
 
 @contextmanager
-def open_tiff(path: Path) -> Iterator[tifffile.TiffFile]:
+def open_tiff(path: Path, data: bytes | None = None) -> Iterator[tifffile.TiffFile]:
     """Open ``path`` with tifffile and check that its structure is complete.
+
+    With ``data``, the file's bytes already read, nothing is read from disk; ``path`` only names
+    the file in errors.
 
     Raises
     ------
@@ -105,7 +100,7 @@ def open_tiff(path: Path) -> Iterator[tifffile.TiffFile]:
     """
     path = Path(path)
     try:
-        tif = tifffile.TiffFile(path)
+        tif = tifffile.TiffFile(path if data is None else io.BytesIO(data), name=path.name)
     except FileNotFoundError:
         raise InputError(f"cannot read {path}: file not found — check the path") from None
     except IsADirectoryError:
@@ -224,22 +219,32 @@ def read_slice(path: Path, databar: DatabarMode = "none", databar_rows: int = 0)
         not fit the image.
     """
     path = Path(path)
+    check_databar_mode(databar)
+    with open_tiff(path) as tif:
+        return slice_from_tiff(tif, path, databar, databar_rows)
+
+
+def check_databar_mode(databar: str) -> None:
+    """Raise ValueError unless ``databar`` is one of the :data:`DatabarMode` values."""
     if databar not in ("none", "fei", "rows"):
         raise ValueError(f"databar must be 'none', 'fei' or 'rows', got {databar!r}")
-    with open_tiff(path) as tif:
-        if len(tif.pages) != 1:
-            raise InputError(
-                f"cannot use {path} as one slice: it has {len(tif.pages)} pages — the daemon"
-                " expects one slice per file; denoise stacks with the offline command"
-            )
-        page = tif.pages[0]
-        dtype = check_grey(page, path)
-        full = decode_page(tif, 0, path)
-        tags = _kept_tags(tif, page)
-        fei = _fei_metadata(page)
-        description = _text(_raw_tag(tif, page, 270)) if 270 in page.tags else None
-        byteorder = tif.byteorder
-        photometric = int(page.photometric)
+
+
+def slice_from_tiff(
+    tif: tifffile.TiffFile, path: Path, databar: str, databar_rows: int
+) -> SliceImage:
+    """The one slice of an opened (structure-checked) TIFF, its databar split off."""
+    if len(tif.pages) != 1:
+        raise InputError(
+            f"cannot use {path} as one slice: it has {len(tif.pages)} pages — the daemon"
+            " expects one slice per file; denoise stacks with the offline command"
+        )
+    page = tif.pages[0]
+    dtype = check_grey(page, path)
+    full = decode_page(tif, 0, path)
+    tags = kept_tags(tif, page)
+    fei = fei_metadata(page)
+    description = text_of(raw_tag(tif, page, 270)) if 270 in page.tags else None
     height = _image_height(path, full.shape, databar, databar_rows, fei)
     return SliceImage(
         pixels=full[:height],
@@ -249,13 +254,15 @@ def read_slice(path: Path, databar: DatabarMode = "none", databar_rows: int = 0)
         tags=tags,
         fei=fei,
         description=description,
-        byteorder=byteorder,
-        photometric=photometric,
+        byteorder=tif.byteorder,
+        photometric=int(page.photometric),
     )
 
 
-def slice_is_complete(path: Path) -> tuple[bool, str]:
+def slice_is_complete(path: Path, data: bytes | None = None) -> tuple[bool, str]:
     """Whether ``path`` is a whole slice TIFF that decodes fully, and why not.
+
+    ``data``: the file's bytes, when already read (nothing is read from disk then).
 
     Returns
     -------
@@ -263,7 +270,7 @@ def slice_is_complete(path: Path) -> tuple[bool, str]:
         ``(True, "")`` or ``(False, reason)`` where reason is a one-line explanation.
     """
     try:
-        with open_tiff(Path(path)) as tif:
+        with open_tiff(Path(path), data) as tif:
             for index in range(len(tif.pages)):
                 decode_page(tif, index, Path(path))
     except InputError as exc:
@@ -301,16 +308,17 @@ def write_slice_atomic(
         raise ValueError(f"denoised pixels are {denoised.dtype}, expected {image.dtype}")
     if denoised.shape != image.pixels.shape:
         raise ValueError(f"denoised pixels are {denoised.shape}, expected {image.pixels.shape}")
-    full = np.empty(image.full_shape, dtype=image.dtype)
-    height = denoised.shape[0]
-    full[:height] = denoised
-    if image.databar is not None:
-        full[height:] = image.databar
+    if image.databar is None:
+        full = denoised  # no databar: nothing to put together, no copy
+    else:
+        full = np.empty(image.full_shape, dtype=image.dtype)
+        full[: denoised.shape[0]] = denoised
+        full[denoised.shape[0] :] = image.databar
     text = description.encode("ascii")
     if image.description:
         original = ORIGINAL_DESCRIPTION_MARKER + image.description
         text += original.encode("utf-8", "surrogateescape")
-    extratags, resolution, unit = _split_resolution(image.tags)
+    extratags, resolution, unit = split_resolution(image.tags)
 
     def render(fh: BinaryIO) -> None:
         tifffile.imwrite(
@@ -355,84 +363,6 @@ def write_stack(path: Path, array: np.ndarray, description: str | None = None) -
     return atomic_write(path, render, "nothing was written; run the command again")
 
 
-def atomic_write(path: Path, render: Callable[[BinaryIO], None], hint: str) -> str:
-    """Write through ``render`` to a hidden temp file beside ``path``, fsync, rename; return sha256.
-
-    On any failure the temp file is removed; an :class:`OSError` becomes :class:`OutputError`
-    whose message ends with ``hint``.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
-    try:
-        with open(tmp, "xb") as fh:  # mode 0o666 & ~umask, unlike mkstemp's private 0o600
-            render(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputError(
-                f"cannot write {path}: {_reason(exc)} — free space or fix permissions; {hint}"
-            ) from None
-        raise
-    return digest
-
-
-def safe_join(folder: Path, name: str) -> Path:
-    """``folder / name``, refusing a name that is empty, absolute, ``..`` or holds a separator.
-
-    Raises
-    ------
-    OutputError
-        ``name`` would escape ``folder``.
-    """
-    bad = (
-        not name
-        or name in (".", "..")
-        or "\x00" in name
-        or any(sep in name for sep in ("/", "\\", os.sep, os.altsep or "/"))
-        or Path(name).is_absolute()
-        or Path(name).drive
-    )
-    if bad:
-        raise OutputError(
-            f"cannot write {name!r} into {folder}: not a plain file name (absolute, '..' or a"
-            " path separator) — use a file name without folders"
-        )
-    return Path(folder) / name
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 (hex) of the file at ``path``, read in 1 MiB chunks.
-
-    Raises
-    ------
-    InputError
-        The file cannot be read.
-    """
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
-    except OSError as exc:
-        reason = _reason(exc)
-        raise InputError(f"cannot read {path} to hash it: {reason} — check the file") from None
-    return digest.hexdigest()
-
-
-def split_description(text: str) -> tuple[str, str | None]:
-    """Split an ImageDescription written here into (our description, the original or None)."""
-    ours, marker, original = text.partition(ORIGINAL_DESCRIPTION_MARKER)
-    return ours, (original if marker else None)
-
-
 def _image_height(
     path: Path, shape: tuple[int, ...], mode: str, rows: int, fei: dict[str, Any] | None
 ) -> int:
@@ -461,88 +391,19 @@ def _image_height(
     return res_y
 
 
-def _fei_metadata(page: Any) -> dict[str, Any] | None:
-    result: dict[str, Any] = {}
-    for code in (34680, 34682):
-        value = page.tags.valueof(code)
-        if isinstance(value, dict):
-            result.update(value)
-    return result or None
-
-
-def _raw_tag(tif: tifffile.TiffFile, page: Any, code: int) -> bytes:
-    """The tag's value bytes exactly as stored in the file."""
-    tag = page.tags[code]
-    size = tag.count * struct.calcsize(tifffile.TIFF.DATA_FORMATS[int(tag.dtype)])
-    tif.filehandle.seek(tag.valueoffset)
-    return tif.filehandle.read(size)
-
-
-def _kept_tags(tif: tifffile.TiffFile, page: Any) -> list[TagTuple]:
-    tags: list[TagTuple] = []
-    for tag in page.tags.values():
-        code, dtype = tag.code, int(tag.dtype)
-        if code not in KEPT_TAGS:
-            continue
-        if code in (282, 283, 296):
-            value = tag.value
-            tags.append((code, dtype, tag.count, tuple(value) if code != 296 else int(value), True))
-            continue
-        raw = _raw_tag(tif, page, code)
-        if dtype == 2 and code in SEM_TAGS and not raw.endswith(b"\x00"):
-            dtype = 7  # keep bytes and count identical: tifffile would append a NUL to ASCII
-        tags.append((code, dtype, tag.count, raw, True))
-    return tags
-
-
-def _split_resolution(
-    tags: list[TagTuple],
-) -> tuple[list[TagTuple], tuple[tuple[int, int], tuple[int, int]] | None, int | None]:
-    by_code = {t[0]: t for t in tags}
-    extra = [t for t in tags if t[0] not in (282, 283, 296)]
-    resolution = None
-    if 282 in by_code or 283 in by_code:
-        x = by_code.get(282, (0, 0, 0, (1, 1), True))[3]
-        y = by_code.get(283, (0, 0, 0, (1, 1), True))[3]
-        resolution = ((int(x[0]), int(x[1]) or 1), (int(y[0]), int(y[1]) or 1))
-    unit = int(by_code[296][3]) if 296 in by_code else None
-    return extra, resolution, unit
-
-
-def _text(raw: bytes) -> str:
-    return raw.rstrip(b"\x00").decode("utf-8", "surrogateescape")  # bytes round-trip
-
-
-def _fsync_folder(folder: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):
-        return  # Windows: folders cannot be opened for fsync
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _reason(exc: OSError) -> str:
-    reasons = {
-        errno.ENOSPC: "disk full",
-        getattr(errno, "EDQUOT", -1): "disk quota exceeded",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-        errno.EROFS: "read-only file system",
-        errno.ENOENT: "folder does not exist",
-    }
-    return reasons.get(exc.errno or 0, exc.strerror or str(exc))
-
-
 __all__ = [
+    "KEPT_TAGS",
+    "ORIGINAL_DESCRIPTION_MARKER",
+    "SEM_TAGS",
     "DatabarMode",
     "SliceImage",
     "TagTuple",
     "atomic_write",
+    "check_databar_mode",
     "read_slice",
     "safe_join",
     "sha256_file",
+    "slice_from_tiff",
     "slice_is_complete",
     "split_description",
     "write_slice_atomic",

@@ -1,8 +1,15 @@
 """One unit of the daemon's work: read a group of slices, denoise the centre, write its output.
 
-The thin I/O shell around :class:`~nrrn_daemon.denoise.Denoiser`: it reads the inputs (the
-databar cropped off and kept aside), denoises, writes the output TIFF atomically with the input's
-shape, dtype and metadata plus a description of what was done, and returns what provenance needs.
+The thin I/O shell around :class:`~nrrn_daemon.denoise.Denoiser`, in three steps that
+:mod:`nrrn_daemon.pipeline` runs in three threads (so reading the next unit and writing the
+previous one overlap with the model), or in turn for the synchronous design:
+
+1. :func:`gather`: the inputs, through a loader (the slice cache: each file read once), the
+   databar cropped off and kept aside, all of one size and bit depth;
+2. :func:`run_model`: denoise the centre with its neighbours;
+3. :func:`write_output`: the output TIFF, atomically, with the input's shape, dtype and metadata
+   plus a description of what was done; returns what provenance needs.
+
 It never writes anywhere but the output folder.
 """
 
@@ -15,11 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .denoise import Denoiser
 from .errors import InputError
-from .imageio import SliceImage, read_slice, safe_join, write_slice_atomic
+from .imageio import SliceImage, safe_join, write_slice_atomic
+from .slicecache import LoadedSlice
 from .triplets import Work
+
+Loader = Callable[[Path], LoadedSlice]
+"""``load(path)`` → the slice at ``path`` (a :meth:`SliceCache.load`, or :func:`read_unhashed`)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,10 @@ class OutputRecord:
     model_s: float
     write_s: float
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    input_sha256: list[str | None] = field(default_factory=list)
+    """sha256 of each input's bytes as read (centre first); None where the reader did not hash."""
+    model: ModelInfo | None = None
+    """The model that made it (the daemon may have switched models since)."""
 
 
 def describe(work: Work, model: ModelInfo, denoiser: Denoiser, settings: dict[str, Any]) -> str:
@@ -66,68 +83,126 @@ def describe(work: Work, model: ModelInfo, denoiser: Denoiser, settings: dict[st
     )
 
 
-def process(
-    work: Work,
-    *,
-    denoiser: Denoiser,
-    model: ModelInfo,
-    output_folder: Path,
-    output_name: str,
-    databar: str = "none",
-    databar_rows: int = 0,
-    should_stop: Callable[[], bool] | None = None,
-) -> OutputRecord:
-    """Denoise ``work.centre`` with its neighbours and write ``output_folder / output_name``.
+@dataclass
+class Inputs:
+    """A unit's slices as read, centre first, all of one shape and dtype."""
+
+    work: Work
+    centre: SliceImage
+    neighbours: list[SliceImage]
+    sha256: list[str | None]
+    started_at: float
+    read_s: float
+
+
+@dataclass
+class Denoised:
+    """A unit's denoised centre, with what the output file and provenance say about it.
+
+    It keeps the centre slice (its databar and metadata go into the output) but not the
+    neighbours, so an output waiting for the writer holds no more pixels than it needs.
+    """
+
+    work: Work
+    centre: SliceImage
+    sha256: list[str | None]
+    started_at: float
+    read_s: float
+    pixels: np.ndarray
+    model: ModelInfo
+    device: str
+    settings: dict[str, Any]
+    description: str
+    model_s: float
+
+
+def gather(work: Work, load: Loader) -> Inputs:
+    """Step 1: load the unit's slices (centre first) and check they can be denoised together.
 
     Raises
     ------
     InputError
-        An input cannot be read or its shape differs from the centre's (the centre's slice is
-        then failed by the daemon; nothing is written).
-    OutputError
-        The output cannot be written (the slice stays ready and is retried).
-    Abandoned
-        ``should_stop`` returned True during denoising (nothing written).
+        An input cannot be read, or its shape or dtype differs from the centre's.
     """
     started = time.time()
     t0 = time.perf_counter()
-    centre = read_slice(work.centre.path, databar, databar_rows)
+    centre = load(work.centre.path)
+    shas = [centre.sha256]
     neighbours: list[SliceImage] = []
     for ref in work.neighbours:
-        image = read_slice(ref.path, databar, databar_rows)
-        if image.pixels.shape != centre.pixels.shape or image.pixels.dtype != centre.pixels.dtype:
+        loaded = load(ref.path)
+        image, first = loaded.image, centre.image
+        if image.pixels.shape != first.pixels.shape or image.pixels.dtype != first.pixels.dtype:
             raise InputError(
                 f"{ref.path} is {image.pixels.shape} {image.pixels.dtype} but the slice it should "
-                f"help denoise, {work.centre.path}, is {centre.pixels.shape} "
-                f"{centre.pixels.dtype} — slices of one data set must share size and bit depth"
+                f"help denoise, {work.centre.path}, is {first.pixels.shape} "
+                f"{first.pixels.dtype} — slices of one data set must share size and bit depth"
             )
         neighbours.append(image)
-    t1 = time.perf_counter()
-    denoised = denoiser.denoise(
-        centre.pixels, [n.pixels for n in neighbours], should_stop=should_stop
+        shas.append(loaded.sha256)
+    return Inputs(work, centre.image, neighbours, shas, started, time.perf_counter() - t0)
+
+
+def run_model(
+    inputs: Inputs,
+    denoiser: Denoiser,
+    model: ModelInfo,
+    *,
+    databar: str = "none",
+    databar_rows: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> Denoised:
+    """Step 2: denoise the centre with its neighbours.
+
+    Raises
+    ------
+    Abandoned
+        ``should_stop`` returned True during denoising (nothing written).
+    """
+    t0 = time.perf_counter()
+    pixels = denoiser.denoise(
+        inputs.centre.pixels, [n.pixels for n in inputs.neighbours], should_stop=should_stop
     )
-    t2 = time.perf_counter()
-    settings = {
+    model_s = time.perf_counter() - t0
+    settings = {  # after denoising: an out-of-memory retry may have shrunk the tiles
         "tile": denoiser.tile,
         "tile_batch": denoiser.tile_batch,
         "precision": denoiser.precision,
         "normalisation": denoiser.checkpoint.normalisation.to_dict(),
         "databar": databar,
         "databar_rows": databar_rows,
-        "inputs": len(neighbours) + 1,
+        "inputs": len(inputs.neighbours) + 1,
     }
+    description = describe(inputs.work, model, denoiser, settings)
+    return Denoised(
+        inputs.work, inputs.centre, inputs.sha256, inputs.started_at, inputs.read_s, pixels,
+        model, denoiser.device, settings, description, model_s,
+    )  # fmt: skip
+
+
+def write_output(denoised: Denoised, output_folder: Path, output_name: str) -> OutputRecord:
+    """Step 3: write the output file atomically; return what provenance records.
+
+    Raises
+    ------
+    OutputError
+        The output cannot be written (the slice stays ready and is retried).
+    """
+    t0 = time.perf_counter()
     path = safe_join(output_folder, output_name)
-    sha = write_slice_atomic(path, centre, denoised, describe(work, model, denoiser, settings))
-    t3 = time.perf_counter()
+    sha = write_slice_atomic(path, denoised.centre, denoised.pixels, denoised.description)
     return OutputRecord(
         path=path,
         sha256=sha,
-        mode=work.mode,
-        settings=settings,
-        device=denoiser.device,
-        started_at=started,
+        mode=denoised.work.mode,
+        settings=denoised.settings,
+        device=denoised.device,
+        started_at=denoised.started_at,
         finished_at=time.time(),
-        read_s=t1 - t0,
-        model_s=t2 - t1,
-        write_s=t3 - t2,
+        read_s=denoised.read_s,
+        model_s=denoised.model_s,
+        write_s=time.perf_counter() - t0,
+        input_shapes=[denoised.centre.full_shape] * len(denoised.sha256),
+        input_sha256=list(denoised.sha256),
+        model=denoised.model,
     )

@@ -55,10 +55,10 @@ def make_profile(tmp_path: Path, ckpt: Path, **extra: object):
 class Running:
     """The daemon's loop in a thread (signals are the subprocess tests' business)."""
 
-    def __init__(self, profile) -> None:
+    def __init__(self, profile, **daemon_options: object) -> None:
         self.store = Store(profile.store.database)
         self.outputs: list[str] = []
-        self.daemon = Daemon(profile, self.store, on_event=self._event)
+        self.daemon = Daemon(profile, self.store, on_event=self._event, **daemon_options)
         self.reason: str | None = None
         self.thread = threading.Thread(target=self._run, name="nrrn-test-daemon")
 
@@ -111,7 +111,7 @@ def current_outputs(db: Path) -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("observer", ["native", "polling"])
+@pytest.mark.parametrize("observer", ["native", "polling", "listing"])
 def test_acquisition_end_to_end(tmp_path, tiny_checkpoint, volume, observer):
     profile = make_profile(
         tmp_path, tiny_checkpoint, **{"watch.observer": observer, "watch.poll_interval_s": 0.2}
@@ -244,8 +244,9 @@ def _failed_names(db: Path) -> set[str]:
         return {f["name"] for f in store.status()["datasets"][0]["failed"]}
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
 def test_full_disk_keeps_the_slice_pending_and_retries(
-    tmp_path, tiny_checkpoint, volume, monkeypatch
+    tmp_path, tiny_checkpoint, volume, monkeypatch, overlap
 ):
     # A full disk cannot be made here: os.replace raises ENOSPC for the first writes.
     monkeypatch.setattr(daemon_mod, "RETRY_S", 0.3)
@@ -262,12 +263,16 @@ def test_full_disk_keeps_the_slice_pending_and_retries(
     profile = make_profile(tmp_path, tiny_checkpoint)
     scope = Microscope(tmp_path / "raw", volume[:3], NAME, interval_s=0.0, chunks=1)
     scope.run()
-    with Running(profile) as run:
+    with Running(profile, overlap=overlap) as run:
         run.wait_for(lambda: len(set(run.outputs)) == 3, timeout=40)
         assert run.daemon.state.retries == 2
     assert failures["left"] == 0
     assert not list((tmp_path / "out").glob(".*.part"))
-    assert len(current_outputs(profile.store.database)) == 3
+    outs = current_outputs(profile.store.database)
+    assert len(outs) == 3  # nothing lost: each slice once, each file whole and as recorded
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(outs)
+    for rec in outs.values():
+        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
 
 
 def test_status_reads_while_the_daemon_runs(tmp_path, tiny_checkpoint, volume):

@@ -105,6 +105,12 @@ def test_sigterm_exits_zero_within_ten_seconds(tmp_path, checkpoint):
     assert proc.returncode == 0, out
     ((reason, ended),) = query(db, "SELECT end_reason, ended_at FROM runs")
     assert reason == "SIGTERM" and ended is not None
+    # Writes in flight were finished and recorded: every output file is whole and recorded.
+    recorded = dict(query(db, "SELECT path, sha256 FROM outputs WHERE is_current"))
+    files = sorted(str(p) for p in (tmp_path / "out").iterdir())
+    assert files == sorted(recorded), "an output file was left unrecorded, or a temp file"
+    for path, sha in recorded.items():
+        assert sha256_file(Path(path)) == sha
 
 
 def test_sigkill_at_any_point_then_restart_leaves_one_current_output_per_slice(
