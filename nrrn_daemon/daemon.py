@@ -48,6 +48,7 @@ from .checkpoints import BASE_CHECKPOINT, Checkpoint, load_checkpoint
 from .denoise import Denoiser
 from .errors import Abandoned, InputError, NRRNError, OutputError
 from .finetune_runner import FinetuneRunner
+from .live_volume import LiveZarr
 from .outputs import ModelInfo, OutputRecord
 from .pipeline import CACHE_SLICES, MAX_AHEAD, Done, Job, Pipeline
 from .profiles import Profile
@@ -177,6 +178,8 @@ class Daemon:
             path=str(ckpt_path),
             store_id=model_id,
         )
+        zarr = profile.output.zarr_path
+        self.live_zarr = LiveZarr(zarr, name=self.watch_folder.name) if zarr else None
         image = profile.image
         self.cache = SliceCache(CACHE_SLICES if overlap else 0, image.databar, image.databar_rows)
         self.pipeline = Pipeline(
@@ -192,6 +195,7 @@ class Daemon:
             wake=self._wake.set,
             on_current=lambda name: setattr(self.state, "current", name),
             threaded=overlap,
+            after_write=self.live_zarr.write if self.live_zarr else None,
         )
         g = profile.grouping
         self.grouper = TripletGrouper(
@@ -484,6 +488,14 @@ class Daemon:
                 "model": self.model.label,
                 "next_finetune": self.finetuning.next_run(),
                 "recent_failures": list(s.recent_failures),
+                "live_volume": _volume_state(self.live_zarr),
             },
         )
         self.on_event("heartbeat", {"state": s})
+
+
+def _volume_state(live: LiveZarr | None) -> dict[str, Any] | None:
+    if live is None:
+        return None
+    return {"path": str(live.path), "written": live.written, "errors": live.errors,
+            "last_error": live.last_error}  # fmt: skip

@@ -130,6 +130,9 @@ class Pipeline:
         Called with the name of the slice being denoised, then with None.
     threaded
         False: run the three steps in turn inside :meth:`submit` (the synchronous design).
+    after_write
+        Called in the writer's thread with each unit's denoised slice once its output file is
+        written (the live OME-Zarr volume, :class:`~nrrn_daemon.live_volume.LiveZarr`).
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class Pipeline:
         wake: Callable[[], None] = lambda: None,
         on_current: Callable[[str | None], None] = lambda name: None,
         threaded: bool = True,
+        after_write: Callable[[Denoised], None] | None = None,
     ) -> None:
         self._load = load
         self._serving = serving
@@ -155,6 +159,7 @@ class Pipeline:
         self._live = live
         self._wake = wake
         self._on_current = on_current
+        self._after_write = after_write
         self.threaded = threaded
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -299,6 +304,8 @@ class Pipeline:
             return Done(item.job, error=item.error)
         try:
             record = write_output(item.denoised, self._output_folder, item.job.output_name)
+            if self._after_write is not None:  # the live volume: never fails the unit
+                self._after_write(item.denoised)
             return Done(item.job, record=record)
         except Exception as exc:  # noqa: BLE001 - OutputError is retried; the loop decides
             return Done(item.job, error=exc)

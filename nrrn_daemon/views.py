@@ -45,6 +45,12 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             console.print(f"[red]watch folder problem:[/] {live['folder_error']}")
         if live.get("current"):
             console.print(f"now denoising: {live['current']}")
+        volume = live.get("live_volume")
+        if volume:
+            line = f"live volume: {volume['path']} ({volume['written']} slices written)"
+            if volume.get("errors"):
+                line += f" [red]{volume['errors']} not written, last: {volume['last_error']}[/]"
+            console.print(line)
         if live.get("redenoise_pending"):
             console.print(
                 f"re-denoising with the new model: {live['redenoise_pending']} slices to go"
