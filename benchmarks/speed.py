@@ -1,19 +1,22 @@
 """Throughput and memory of the Denoiser's tiled inference, against the paper's tiling.
 
 The paper (section 2.2.3) denoises 256-px patches one at a time and cuts 20 px from each side:
-216-px cores, 256-px windows. The Denoiser uses balanced cores of up to ``--tile`` px with a halo
-of exactly the receptive radius (11 px for 4 BUs), ``--tile-batch`` windows per forward pass.
-Both run the same model (4 BUs, 64 channels: the base checkpoint when present, else random
-weights; speed does not depend on the weights) on the same synthetic uint8 triplet, alternately,
-``--repeats`` times each after one warm-up.
+216-px cores, 256-px windows, in float32. The Denoiser uses balanced cores of up to ``--tile`` px
+with a halo of exactly the receptive radius (11 px for 4 BUs), ``--tile-batch`` windows per
+forward pass, and (see ``nrrn_daemon/acceleration.py``) bf16 autocast where the CPU or GPU has
+it, channels-last layout, torch.compile and the fused gate convolution. Each ``--settings`` row
+switches these on one by one, so their contributions show side by side. All rows run the same
+model (``--checkpoint``: the paper's 4 BUs × 64 channels with random weights by default; speed
+does not depend on the weights) on the same synthetic uint8 triplet, alternately, ``--repeats``
+times each after a warm-up (``Denoiser.warm_up``: compiles the compiled rows, whose compile time
+is reported separately).
 
 Peak memory: each ``--rss-sizes`` slice is denoised once in a fresh subprocess, which reports
 its peak resident set (VmHWM) before and after denoising.
 
 Example::
 
-    python benchmarks/speed.py --size 1024x1024 --repeats 3 --rss-sizes 2048x2048,6144x4096 \\
-        --json runs/speed.json
+    python benchmarks/speed.py --size 1024x1024 --repeats 2 --rss-sizes "" --json runs/speed.json
 """
 
 from __future__ import annotations
@@ -35,25 +38,49 @@ import torch
 
 from nrrn_daemon.checkpoints import BASE_CHECKPOINT, Checkpoint, Normalisation, load_checkpoint
 from nrrn_daemon.denoise import Denoiser
-from nrrn_daemon.devices import cpu_model
+from nrrn_daemon.devices import cpu_bf16_features, cpu_model
 from nrrn_daemon.nrrn import NRRN
 from nrrn_daemon.tiling import Tile, plan_tiles
 
 PAPER_PATCH, PAPER_CUT = 256, 20
+FLAGS = ("bf16", "cl", "compile", "fused")
+DEFAULT_SETTINGS = (
+    "512:1,512:1:cl,512:1:bf16+cl,512:1:bf16+cl+fused,512:1:bf16+cl+compile,"
+    "512:1:bf16+cl+compile+fused,512:1:cl+compile+fused,1024:1:bf16+cl+compile+fused"
+)
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One tiling to time: ``tile`` = 0 means the paper's 256-px patches."""
+    """One row: a tiling (``tile`` = 0: the paper's 256-px patches) and the speed-ups used."""
 
     tile: int
     batch: int
+    bf16: bool = False
+    cl: bool = False
+    compile: bool = False
+    fused: bool = False
 
     @property
     def label(self) -> str:
         if self.tile == 0:
-            return f"paper: {PAPER_PATCH}-px patches, {PAPER_CUT} px cut per side, 1 per pass"
-        return f"Denoiser: tile {self.tile}, batch {self.batch}"
+            tiling = f"paper: {PAPER_PATCH}-px patches, {PAPER_CUT} px cut, 1 per pass"
+        else:
+            tiling = f"tile {self.tile}, batch {self.batch}"
+        return tiling
+
+    def denoiser(self, ckpt: Checkpoint, device: str) -> Denoiser:
+        den = Denoiser(
+            ckpt,
+            device=device,
+            tile=self.tile or None,
+            tile_batch=self.batch,
+            precision="bf16" if self.bf16 else "float32",
+            compile="on" if self.compile else "off",
+            channels_last=self.cl,
+        )
+        den.model.fuse_gates = self.fused  # type: ignore[union-attr]
+        return den
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -63,9 +90,14 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_setting(text: str) -> Setting:
-    """``"TILE:BATCH"`` → :class:`Setting`."""
-    tile, _, batch = text.partition(":")
-    return Setting(int(tile), int(batch or 1))
+    """``"TILE:BATCH[:FLAG+FLAG...]"`` → :class:`Setting`; flags from :data:`FLAGS`."""
+    tile, _, rest = text.partition(":")
+    batch, _, flags = rest.partition(":")
+    chosen = set(filter(None, flags.split("+")))
+    unknown = chosen - set(FLAGS)
+    if unknown:
+        raise SystemExit(f"unknown flags {sorted(unknown)} in {text!r}; use {'+'.join(FLAGS)}")
+    return Setting(int(tile), int(batch or 1), **{f: f in chosen for f in FLAGS})
 
 
 def checkpoint(source: str) -> tuple[Checkpoint, str]:
@@ -77,7 +109,7 @@ def checkpoint(source: str) -> tuple[Checkpoint, str]:
         source = str(BASE_CHECKPOINT) if BASE_CHECKPOINT.exists() else "random"
     if source == "random":
         torch.manual_seed(0)
-        model = NRRN(blocks=4, features=64)
+        model = NRRN(blocks=4, features=64)  # the paper's size
         return Checkpoint.from_model(model, Normalisation(mode="slice")), "random weights"
     ckpt = load_checkpoint(source)
     return ckpt, f"checkpoint {Path(source).name} ({ckpt.short_sha})"
@@ -121,13 +153,11 @@ def speed(args: argparse.Namespace, ckpt: Checkpoint) -> list[dict[str, object]]
     shape = parse_size(args.size)
     stack = triplet(shape)
     settings = [Setting(0, 1), *map(parse_setting, args.settings.split(","))]
-    dens = {
-        s: Denoiser(ckpt, device=args.device, tile=s.tile or None, tile_batch=s.batch)
-        for s in settings
-    }
+    dens = {s: s.denoiser(ckpt, args.device) for s in settings}
     plans = {s: plan(dens[s], shape, s) for s in settings}
-    for s in settings:  # warm-up: allocator, oneDNN kernels
-        run_once(dens[s], stack, plans[s])
+    warm_up_s = {}
+    for s in settings:  # warm-up: compilation (compiled rows), allocator, oneDNN kernels
+        warm_up_s[s] = dens[s].warm_up()
     times: dict[Setting, list[float]] = {s: [] for s in settings}
     for _ in range(args.repeats):
         for s in settings:
@@ -143,6 +173,11 @@ def speed(args: argparse.Namespace, ckpt: Checkpoint) -> list[dict[str, object]]
                 "setting": s.label,
                 "tile": s.tile,
                 "batch": s.batch,
+                "precision": dens[s].precision,
+                "channels_last": s.cl,
+                "compiled": dens[s].compiled,
+                "fused": s.fused,
+                "warm_up_s": round(warm_up_s[s], 1),
                 "tiles": int(timing["tiles"]),
                 "work": round(work(plans[s], shape), 3),
                 "seconds": [round(t, 3) for t in times[s]],
@@ -216,6 +251,7 @@ def machine(device: str) -> dict[str, object]:
     """What ran the benchmark."""
     return {
         "cpu": cpu_model(),
+        "cpu_bf16": list(cpu_bf16_features()),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -232,18 +268,23 @@ def markdown(report: dict[str, object]) -> str:
     lines = [
         f"`{report['command']}`",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"Machine: {m['cpu']} (native bf16: {', '.join(m['cpu_bf16']) or 'none'}), "
+        f"{m['cores']} cores ({m['torch_threads']} torch threads), "
         f"torch {m['torch']}, device {m['device']}" + (f" ({m['gpu']})" if m["gpu"] else ""),
         f"Model: {report['model']}; triplet {report['size']}, uint8, "
         f"{report['repeats']} alternating repeats after a warm-up",
         "work = pixels the network computes per output pixel (halo overhead).",
         "",
-        "| tiling | tiles | work | median s | MPix/s | × paper |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| tiling | precision | layout | compiled | fused | tiles | work | warm-up s "
+        "| median s | MPix/s | × paper |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["speed"]:  # type: ignore[attr-defined]
+        layout = "channels-last" if r["channels_last"] else "contiguous"
         lines.append(
-            f"| {r['setting']} | {r['tiles']} | {r['work']} | {r['median_s']} | "
+            f"| {r['setting']} | {r['precision']} | {layout} | "
+            f"{'yes' if r['compiled'] else 'no'} | {'yes' if r['fused'] else 'no'} | "
+            f"{r['tiles']} | {r['work']} | {r['warm_up_s']} | {r['median_s']} | "
             f"{r['mpix_per_s']} | {r['speedup_vs_paper']} |"
         )
     if report["memory"]:
@@ -269,8 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
     parser.add_argument(
         "--settings",
-        default="512:1,512:4,1024:1",
-        help="Denoiser tilings to time, TILE:BATCH comma-separated (the paper's is always added)",
+        default=DEFAULT_SETTINGS,
+        help="rows to time, TILE:BATCH[:FLAGS] comma-separated, FLAGS '+'-joined from "
+        f"{', '.join(FLAGS)} (the paper's float32 tiling is always the first row)",
     )
     parser.add_argument("--tile", type=int, default=512, help="tile for the memory runs")
     parser.add_argument("--tile-batch", type=int, default=1, help="batch for the memory runs")
@@ -281,7 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--checkpoint", default="auto", help="'auto' (base if present), 'random' or a path"
+        "--checkpoint",
+        default="random",
+        help="'random' (4 BUs × 64 channels, the paper's size), 'auto' (the base checkpoint, "
+        "4 × 32) or a path",
     )
     parser.add_argument("--json", type=Path, help="also save the report as JSON here")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)

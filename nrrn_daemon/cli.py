@@ -66,6 +66,22 @@ class DeviceChoice(StrEnum):
     cuda = "cuda"
 
 
+class PrecisionChoice(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bf16 = "bf16"
+
+
+class CompileChoice(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+PRECISION_HELP = "auto: bf16 where native (CUDA, CPUs with AVX512-BF16/AMX); float32 forces it."
+COMPILE_HELP = "torch.compile: auto (CUDA; CPU models ≥ 32 channels), on or off."
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -111,6 +127,10 @@ def train(
         float, typer.Option(min=0.0, max=0.5, help="Fraction of slices held out (index blocks).")
     ] = 0.1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    precision: Annotated[PrecisionChoice, typer.Option(help=PRECISION_HELP)] = PrecisionChoice.auto,
+    compile: Annotated[
+        CompileChoice, typer.Option(help=COMPILE_HELP + " auto: only for ≥ 5 min / 500 steps.")
+    ] = CompileChoice.auto,
 ) -> None:
     """Train (or fine-tune with --init) an NRRN on noisy stacks, unsupervised."""
     from .checkpoints import load_checkpoint, save_checkpoint
@@ -134,6 +154,8 @@ def train(
         repeat_scans=repeat_scans,
         scans_per_slice=scans_per_slice,
         validation_fraction=validation,
+        precision=precision.value,
+        compile=compile.value,
     )
     with progress_bar() as bar:
         task = bar.add_task("training", total=steps, info="")
@@ -156,7 +178,8 @@ def train(
     )
     console.print(
         f"wrote [bold]{out}[/] ({ckpt.short_sha}): {report.steps} steps in "
-        f"{report.seconds:.0f} s ({report.stopped_by}), {val}"
+        f"{report.seconds:.0f} s ({report.stopped_by}, {report.precision}"
+        f"{', compiled' if report.compiled else ''}), {val}"
     )
 
 
@@ -196,6 +219,8 @@ def denoise(
         DatabarChoice, typer.Option(help="Info strip below slice files: kept out of the model.")
     ] = DatabarChoice.none,
     databar_rows: Annotated[int, typer.Option(min=0, help="With --databar rows: its height.")] = 0,
+    precision: Annotated[PrecisionChoice, typer.Option(help=PRECISION_HELP)] = PrecisionChoice.auto,
+    compile: Annotated[CompileChoice, typer.Option(help=COMPILE_HELP)] = CompileChoice.auto,
 ) -> None:
     """Denoise stacks offline: same shape and dtype out, one file per input file."""
     from .checkpoints import load_checkpoint
@@ -203,7 +228,10 @@ def denoise(
     from .offline import denoise_stack
 
     ckpt = load_checkpoint(model)
-    denoiser = Denoiser(ckpt, device=device.value, tile=tile, tile_batch=tile_batch)
+    denoiser = Denoiser(
+        ckpt, device=device.value, tile=tile, tile_batch=tile_batch,
+        precision=precision.value, compile=compile.value,
+    )  # fmt: skip
     if denoiser.cpu_fallback:
         err_console.print(f"[yellow]no CUDA GPU: denoising on the CPU ({denoiser.device_name})[/]")
     groups = [[s] for s in stacks] if _all_multipage(stacks) else [stacks]
@@ -329,5 +357,5 @@ def main() -> None:
     app()
 
 
-# Registers the daemon's commands, then `finetune` and `models`, on `app`.
-from . import cli_daemon, cli_models  # noqa: E402,F401
+# Registers the daemon's commands, then `finetune`, `models` and `reprocess`, on `app`.
+from . import cli_daemon, cli_models, cli_reprocess  # noqa: E402,F401

@@ -8,14 +8,21 @@ Memory: the slice is never copied to float as a whole. One mean/std is computed 
 slice before tiling (:meth:`Normalisation.stats_for`) and applied to each batch of windows on
 the device, so the host holds the integer inputs, the integer output and one batch of windows.
 
-On CUDA the model runs in channels-last layout under autocast (bf16 where supported, else fp16);
-an out-of-memory error halves the batch, then the tile, down to one 64-px tile, and only then
-fails. The reduced settings are kept for later calls.
+Speed (:mod:`nrrn_daemon.acceleration`): the model runs in channels-last layout, under bf16
+autocast where the hardware has it (CUDA, fp16 on GPUs without bf16; CPUs with AVX512-BF16 or
+AMX), float32 elsewhere or when asked, and compiled with ``torch.compile`` where that pays.
+bf16 outputs are within one grey level of float32 (tested on the base checkpoint and FIB-25).
+Compilation happens at the first call; :meth:`Denoiser.warm_up` does it up front (the daemon
+calls it at start) so that no slice waits for it.
+
+On CUDA an out-of-memory error halves the batch, then the tile, down to one 64-px tile, and only
+then fails. The reduced settings are kept for later calls.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import acceleration
 from .checkpoints import Checkpoint
 from .devices import resolve_device
 from .errors import Abandoned, InputError, NRRNError
@@ -31,9 +39,12 @@ from .tiling import Tile, paste, plan_tiles
 MIN_TILE = 64
 """Smallest core side the out-of-memory fallback goes down to."""
 
-_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
-    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
-)
+WARM_UP_SHAPE = (72, 88)
+"""Window of the warm-up passes: small (compiling, not computing, is what takes time) and not
+square, so that the compiled graph does not specialise on height == width."""
+
+log = logging.getLogger("nrrn_daemon.denoise")
+_OOM_ERRORS = acceleration.OOM_ERRORS
 _DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 
@@ -54,12 +65,22 @@ class Denoiser:
         CPU, where batching gains ~10 % but multiplies the peak memory (measured with
         ``benchmarks/speed.py``: ~8.6 GB for 512-px tiles × 4 or one 1024-px tile, 4 BUs, 64
         channels, a triplet).
+    precision
+        ``"auto"`` (bf16 where native, see :mod:`nrrn_daemon.devices`), ``"float32"`` or
+        ``"bf16"``.
+    compile
+        ``"auto"``, ``"on"`` or ``"off"``: run the network through ``torch.compile`` (see
+        :mod:`nrrn_daemon.acceleration`; falls back to eager, logged once, where it cannot).
+    channels_last
+        Memory layout; False only for the speed benchmark's baseline (it is slower).
 
     Attributes
     ----------
     device, device_name, precision, cpu_fallback
         The resolved device (``"cpu"``/``"cuda:0"``), its CPU model or GPU name, ``"float32"``
         or ``"bf16"``/``"fp16"``, and whether ``auto`` fell back to the CPU.
+    precision_reason
+        Why that precision ("CPU has amx_bf16, avx512_bf16", "float32 forced"...).
     halo
         Context pixels around each core: the model's :attr:`NRRNConfig.halo`.
     last_timing
@@ -69,7 +90,8 @@ class Denoiser:
     Raises
     ------
     InputError
-        Unknown device, or CUDA requested where none is available.
+        Unknown device or precision, CUDA requested where none is available, or bf16 where
+        the hardware has none.
     """
 
     def __init__(
@@ -78,32 +100,75 @@ class Denoiser:
         device: str = "auto",
         tile: int | None = 512,
         tile_batch: int | None = None,
+        *,
+        precision: str = "auto",
+        compile: str = "auto",
+        channels_last: bool = True,
     ) -> None:
         if tile is not None and tile < 1:
             raise ValueError(f"tile must be ≥ 1 or None, got {tile}")
         if tile_batch is not None and tile_batch < 1:
             raise ValueError(f"tile_batch must be ≥ 1 or None, got {tile_batch}")
-        info = resolve_device(device)
+        info = resolve_device(device, precision)
         if tile_batch is None:
             tile_batch = 4 if info.device.startswith("cuda") else 1
         self.checkpoint = checkpoint
+        self._info = info
         self.device = info.device
         self.device_name = info.name
         self.precision = info.precision
+        self.precision_reason = info.precision_reason
         self.cpu_fallback = info.cpu_fallback
-        self._autocast_dtype = info.autocast_dtype
         self.tile = tile
         self.tile_batch = tile_batch
         self.halo = checkpoint.config.halo
-        model: nn.Module = checkpoint.build_model().to(self.device)
-        if self._on_cuda:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.eval()
+        self.channels_last = channels_last
+        wanted = acceleration.wants_compile(compile, info, checkpoint.config.features)
+        model = acceleration.prepare(
+            checkpoint.build_model(), info, wanted, channels_last=channels_last
+        )
+        self.model: nn.Module = model.eval()
         self.last_timing: dict[str, float] = {}
 
     @property
     def _on_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the network runs compiled (False after a fallback to eager execution)."""
+        return bool(getattr(self.model, "compiled", False))
+
+    def warm_up(self) -> float:
+        """Compile now what the first slices would otherwise compile; returns the seconds taken.
+
+        Runs a triplet and a pair (a batch of one window and, with ``tile_batch`` > 1, of two)
+        on small :data:`WARM_UP_SHAPE` windows: compiled graphs have dynamic shapes, so these
+        cover every slice size, the single-image mode and the batches of any plan. Without
+        compilation it only initialises the kernels (well under a second). A compiler failure
+        falls back to eager execution here (logged once), not on the first slice.
+        """
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 255, WARM_UP_SHAPE, dtype=np.uint8) for _ in "abc"]
+        plan = plan_tiles(*WARM_UP_SHAPE, max(WARM_UP_SHAPE), 0)
+        mean, std = 127.0, 64.0
+        batches = (1, 2) if self.tile_batch > 1 else (1,)
+        for neighbours in (images[1:], images[1:2]):
+            for batch in batches:
+                self._run(plan * batch, batch, images[0], neighbours, mean, std)
+        seconds = time.perf_counter() - start
+        log.info(
+            "model ready on %s (%s): %s (%s), %s, %s; warm-up %.1f s",
+            self.device,
+            self.device_name,
+            self.precision,
+            self.precision_reason,
+            "compiled" if self.compiled else "not compiled",
+            "channels-last" if self.channels_last else "contiguous",
+            seconds,
+        )
+        return seconds
 
     def denoise(
         self,
@@ -249,17 +314,14 @@ class Denoiser:
         if stacked.dtype == np.uint16:  # torch has few uint16 kernels: widen on the host
             stacked = stacked.astype(np.int32)
         x = torch.from_numpy(stacked).to(self.device, non_blocking=True)
-        x = (x.to(torch.float32) - mean) / std
-        if self._on_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return acceleration.to_layout((x.to(torch.float32) - mean) / std, self.channels_last)
 
     def _forward(self, inputs: list[Tensor]) -> Tensor:
-        centre, *neighbours = inputs
-        if self._autocast_dtype is None:
-            return self.model(centre, *neighbours)
-        with torch.autocast(device_type="cuda", dtype=self._autocast_dtype):
-            return self.model(centre, *neighbours)
+        return acceleration.run_with_fallback(self.model, self._call, inputs)
+
+    def _call(self, inputs: list[Tensor]) -> Tensor:
+        with acceleration.autocast(self._info):
+            return self.model(*inputs)
 
 
 def _check_plan(tiles: Sequence[Tile], height: int, width: int) -> None:

@@ -93,6 +93,10 @@ class FinetuneJob:
     seed: int = 0
     scans_per_slice: int = 1
     """≥ 3: a repeat-scan data set trained on scan triplets; 1 (or 2): adjacent-slice triplets."""
+    precision: str = "auto"
+    """The profile's ``model.precision`` (training; validation is always in float32)."""
+    compile: str = "auto"
+    """The profile's ``model.compile`` (training only: the gate's few passes run eagerly)."""
 
 
 @dataclass
@@ -275,6 +279,7 @@ def judge(
     patch: int = 128,
     crops: int = 2,
     seed: int = 0,
+    precision: str = "auto",
 ) -> Verdict:
     """Decide whether ``candidate`` replaces ``parent`` (see the module docstring for the rules).
 
@@ -286,6 +291,9 @@ def judge(
         Held-out ``(prev, centre, next)`` raw slices, never trained on.
     device, patch, crops, seed
         Where to run, and the validation crops (identical for both models).
+    precision
+        Of the denoised check crops (the validation loss is always float32); not compiled:
+        a few passes do not repay a compilation.
 
     Raises
     ------
@@ -300,7 +308,7 @@ def judge(
     outputs: dict[str, list[np.ndarray]] = {}
     metrics: dict[str, dict[str, float]] = {}
     for name, ckpt in (("parent", parent), ("candidate", candidate)):
-        den = Denoiser(ckpt, device=device, tile=None)
+        den = Denoiser(ckpt, device=device, tile=None, precision=precision, compile="off")
         loss = validation_loss(
             den.model, triplets, ckpt.normalisation, patch=patch, crops=crops, seed=seed,
             grey_levels=True,
@@ -400,13 +408,16 @@ def run_finetune(job: FinetuneJob) -> FinetuneResult:
         steps=job.steps, minutes=job.minutes, patch=job.patch, batch=job.batch, seed=job.seed,
         device=job.device, validation_fraction=job.validation_fraction,
         repeat_scans=repeat, scans_per_slice=job.scans_per_slice if repeat else 3,
+        precision=job.precision, compile=job.compile,
     )  # fmt: skip
     flag = live_flag(Path(job.db))
     ckpt, report = train(
         stacks, settings, init=parent, on_progress=lambda *_: wait_while_live(flag)
     )
     triplets = held_out_triplets(stacks, job.validation_fraction, job.scans_per_slice)
-    verdict = judge(parent, ckpt, triplets, device=job.device, seed=job.seed)
+    verdict = judge(
+        parent, ckpt, triplets, device=job.device, seed=job.seed, precision=job.precision
+    )
     out = Path(job.models_dir) / slug(job.dataset)
     out.mkdir(parents=True, exist_ok=True)
     path = save_checkpoint(ckpt, out / f"{ckpt.content_sha256[:12]}.pt")

@@ -69,6 +69,7 @@ def job_for(
         validation_fraction=profile.finetune.validation_fraction, steps=steps,
         device=profile.model.device, databar=profile.image.databar,
         databar_rows=profile.image.databar_rows, scans_per_slice=scans,
+        precision=profile.model.precision, compile=profile.model.compile,
     )  # fmt: skip
 
 

@@ -24,7 +24,10 @@ Choices where the paper is open (see ``shared/paper/NOTES.md``):
 
 * the six H→H convs of a BU (W_u, W_r, W_c on ĥ; V_u, V_r, V_c on h̃) are stored as two wider
   convs (W_{u,r,c}: H→3H on ĥ, V_{u,r}: H→2H on h̃) plus V_c; this is the same function with
-  fewer kernel launches;
+  fewer kernel launches. At run time (:attr:`NRRN.fuse_gates`, on by default) V_{u,r} of a BU
+  and the shared W_1 that advances h̃ for the next BU, which read the same h̃, run as one H→3H
+  conv whose weight is concatenated from the stored ones on every call (so training updates
+  both, and checkpoints keep their format): three convs per BU instead of four;
 * orthogonal initialisation with the sigmoid/tanh gains, as in the authors' release;
 * forward modes: a **triplet** is the mean of the two branches (x̂_j = ½(x'_j + x''_j)); a
   **pair** is one branch; a **single** image (no neighbour at all) runs one branch with the
@@ -35,6 +38,11 @@ Choices where the paper is open (see ``shared/paper/NOTES.md``):
 * in a triplet the stem on the centre image is computed once and shared by both branches, and
   the two branches run as one batch (same weights, eq. 3).
 
+Speed (``nrrn_daemon/acceleration.py`` decides when): :meth:`NRRN.compile_branches` puts the
+branch computation (everything after the stem: the BUs, NAtt, feedback, tail), which is the
+same for every mode, through ``torch.compile`` with dynamic shapes, so one compiled graph serves
+triplets, pairs and single images of any window size and batch (one more for a batch of one).
+
 Receptive field: each BU widens the centre path by 2 px per side (a gate conv, then V_c), the
 first one by 3 (the neighbour stream's W_1 comes first), the stem and tail by 1 each, so the radius
 is 2·blocks + 3 px (measured in the tests); :attr:`NRRNConfig.halo` is exactly that, the
@@ -43,8 +51,9 @@ smallest margin for which tiled inference equals whole-image inference.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -104,6 +113,16 @@ class NRRNConfig:
         return cls(**{k: int(v) for k, v in data.items()})  # type: ignore[call-overload]
 
 
+def _wide(x: Tensor) -> Tensor:
+    """A conv output back in float32 under bf16/fp16 autocast (any other dtype unchanged).
+
+    Only the convolutions run in reduced precision: the GRU's gates, the noise attention and the
+    running estimate stay in float32. Rounding them to bf16 as well drifts the estimate by up to
+    2–3 grey levels (measured on FIB-25, pair mode); this way outputs stay within one of float32.
+    """
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def _conv(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
 
@@ -141,11 +160,15 @@ class BuildingUnit(nn.Module):
 
     def forward(self, h_hat: Tensor, h_tilde: Tensor) -> Tensor:
         """Return ĥ^{l+1} from ĥ^l and the already advanced neighbour stream h̃^{l+1}."""
-        wu, wr, wc = self.w(h_hat).chunk(3, dim=1)
-        vu, vr = self.v(h_tilde).chunk(2, dim=1)
+        vu, vr = _wide(self.v(h_tilde)).chunk(2, dim=1)
+        return self.update(h_hat, h_tilde, vu, vr)
+
+    def update(self, h_hat: Tensor, h_tilde: Tensor, vu: Tensor, vr: Tensor) -> Tensor:
+        """The GRU update given V_u h̃ and V_r h̃ (computed here or by a fused conv)."""
+        wu, wr, wc = _wide(self.w(h_hat)).chunk(3, dim=1)
         u = torch.sigmoid(wu + vu)
         r = torch.sigmoid(wr + vr)
-        c = torch.tanh(wc + self.v_c(r * h_tilde))
+        c = torch.tanh(wc + _wide(self.v_c(r * h_tilde)))
         return (1 - u) * h_tilde + u * c
 
 
@@ -182,21 +205,63 @@ class NRRN(nn.Module):
         _orthogonal_(self.stem, math.sqrt(2.0))
         _orthogonal_(self.w1, 5 / 3)
         _orthogonal_(self.tail, 1.0)
+        # Run V_{u,r} of a BU and the next W_1 as one conv (same function; not in the weights).
+        self.fuse_gates = True
+        self._compiled_branch: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     @classmethod
     def from_config(cls, config: NRRNConfig) -> NRRN:
         return cls(blocks=config.blocks, features=config.features)
 
+    # -- compilation (see nrrn_daemon/acceleration.py) -----------------------------------------
+    def compile_branches(self) -> None:
+        """Run the branches through ``torch.compile`` from the next call on (compiled lazily).
+
+        Dynamic shapes: the window size and batch may change without recompiling (a batch of
+        one gets its own graph). Weights are inputs of the graph, so another model of the same
+        shape reuses it. Nothing is stored in the weights; :meth:`uncompile` undoes it.
+        """
+        self._compiled_branch = torch.compile(self._branch, dynamic=True)
+
+    def uncompile(self) -> None:
+        """Back to eager execution (e.g. after a compiler failure)."""
+        self._compiled_branch = None
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_branch is not None
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run uncompiled inside the block (a few validation passes are not worth a graph)."""
+        compiled, self._compiled_branch = self._compiled_branch, None
+        try:
+            yield
+        finally:
+            self._compiled_branch = compiled
+
     # -- one branch -------------------------------------------------------------------------
     def _branch(self, centre: Tensor, h_hat: Tensor, h_tilde: Tensor) -> Tensor:
         """Run BUs + NAtt + feedback + tail on stem features; returns the branch estimate."""
         estimate = centre
-        for unit in self.units:
-            h_tilde = torch.tanh(self.w1(h_tilde))
-            h_hat = unit(h_hat, h_tilde)
+        h_tilde = torch.tanh(_wide(self.w1(h_tilde)))
+        last = len(self.units) - 1
+        for k, unit in enumerate(self.units):
+            ahead = None
+            if self.fuse_gates and k < last:
+                # V_u, V_r of this BU and W_1 of the next one all read h̃^{k+1}: one conv.
+                weight = torch.cat([unit.v.weight, self.w1.weight])
+                bias = torch.cat([unit.v.bias, self.w1.bias])  # type: ignore[list-item]
+                fused = _wide(F.conv2d(h_tilde, weight, bias, padding=1))
+                vu, vr, ahead = fused.chunk(3, dim=1)
+            else:
+                vu, vr = _wide(unit.v(h_tilde)).chunk(2, dim=1)
+            h_hat = unit.update(h_hat, h_tilde, vu, vr)
             estimate = estimate - unit.noise_scale * noise_attention(h_hat)
             h_hat = feedback(h_hat, estimate)
-        h_hat = self.tail(F.relu(h_hat))
+            if k < last:
+                h_tilde = torch.tanh(ahead if ahead is not None else _wide(self.w1(h_tilde)))
+        h_hat = _wide(self.tail(F.relu(h_hat)))
         return estimate - self.tail_scale * noise_attention(h_hat)
 
     def branches(self, centre: Tensor, neighbours: Sequence[Tensor]) -> list[Tensor]:
@@ -222,9 +287,11 @@ class NRRN(nn.Module):
         n = centre.shape[0]
         stems = F.relu(self.stem(torch.cat([centre, *neighbours], dim=0)))
         h_hat0, h_tilde0 = stems[:n], stems[n:]
-        h_hat = h_hat0.repeat(k, 1, 1, 1) if k > 1 else h_hat0
-        x = centre.repeat(k, 1, 1, 1) if k > 1 else centre
-        out = self._branch(x, h_hat, h_tilde0)
+        # cat (not repeat) keeps the memory layout (channels-last): one compiled graph for all k.
+        h_hat = torch.cat([h_hat0] * k) if k > 1 else h_hat0
+        x = torch.cat([centre] * k) if k > 1 else centre
+        run = self._compiled_branch or self._branch
+        out = run(x, h_hat, h_tilde0)
         return list(out.split(n, dim=0))
 
     def forward(self, centre: Tensor, *neighbours: Tensor) -> Tensor:

@@ -112,6 +112,7 @@ def _describe(denoiser: Denoiser, neighbours: list[str]) -> str:
             "model_sha256": denoiser.checkpoint.content_sha256,
             "neighbours": neighbours,
             "device": denoiser.device,
+            "precision": denoiser.precision,
             "tile": denoiser.tile,
         },
         sort_keys=True,

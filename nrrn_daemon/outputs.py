@@ -168,6 +168,7 @@ def run_model(
         "tile": denoiser.tile,
         "tile_batch": denoiser.tile_batch,
         "precision": denoiser.precision,
+        "compiled": denoiser.compiled,
         "normalisation": denoiser.checkpoint.normalisation.to_dict(),
         "databar": databar,
         "databar_rows": databar_rows,

@@ -144,6 +144,8 @@ def plan_reprocess(
         tile_batch=profile.model.tile_batch if profile else None,
         databar=databar, databar_rows=databar_rows,
         zarr=str(Path(zarr).absolute()) if zarr is not None else None,
+        precision=profile.model.precision if profile else "auto",
+        compile=profile.model.compile if profile else "auto",
     )  # fmt: skip
     rows = {r.path: r for r in store.slices_in_state(dataset_id, list(SliceState))}
     done = store.current_outputs(dataset_id)

@@ -85,6 +85,8 @@ class JobSpec:
     databar: str = "none"
     databar_rows: int = 0
     zarr: str | None = None
+    precision: str = "auto"
+    compile: str = "auto"
 
 
 @dataclass
@@ -147,7 +149,8 @@ class ModelCache(WorkerPlugin):
 
     def denoiser(self, job: JobSpec) -> Denoiser:
         """The job's Denoiser, loaded once per worker (verified against the job's sha256)."""
-        key = (job.checkpoint_sha256, job.device, job.tile, job.tile_batch)
+        key = (job.checkpoint_sha256, job.device, job.tile, job.tile_batch, job.precision,
+               job.compile)  # fmt: skip
         if key in self._denoisers:
             self._denoisers.move_to_end(key)
             return self._denoisers[key]
@@ -159,8 +162,9 @@ class ModelCache(WorkerPlugin):
                 "see the same file as the client (a shared file system)"
             )
         denoiser = Denoiser(
-            ckpt, device=self.device_for(job.device), tile=job.tile, tile_batch=job.tile_batch
-        )
+            ckpt, device=self.device_for(job.device), tile=job.tile, tile_batch=job.tile_batch,
+            precision=job.precision, compile=job.compile,
+        )  # fmt: skip
         self._denoisers[key] = denoiser
         while len(self._denoisers) > KEEP_MODELS:
             self._denoisers.popitem(last=False)

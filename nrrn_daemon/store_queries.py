@@ -180,6 +180,7 @@ def _dataset_status(
         "model": None if model is None else {"label": model.label, "sha256": model.sha256},
         "last_output": None if last is None else {"path": last.path, "at": iso(last.finished_at)},
         "device": device,
+        "precision": None if last is None else (last.settings_json or {}).get("precision"),
         "cpu_fallback": device is not None and device.split(":")[0] == "cpu",
         "next_finetune": next_finetune,
         "finetunes": _finetunes(session, ds.id, FINETUNE_HISTORY),
@@ -454,6 +455,10 @@ def rerun_command(
             argv += ["--databar-rows", str(settings.get("databar_rows", 0))]
     kind = out.device.split(":")[0]
     argv += ["--device", kind if kind in ("cpu", "cuda") else "auto"]
+    if settings.get("precision") in ("float32", "bf16"):  # fp16 (CUDA without bf16) is auto's
+        argv += ["--precision", settings["precision"]]
+    if "compiled" in settings:  # compiled kernels round differently from eager ones
+        argv += ["--compile", "on" if settings["compiled"] else "off"]
     return {
         "command": shlex.join(argv),
         "argv": argv,

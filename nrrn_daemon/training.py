@@ -23,6 +23,11 @@ Choices where the paper leaves room (measurements in the helper's report and ``s
   on fixed crops (fixed seed) is measured at the start, every ``validation_every`` steps and at
   the end.
 * **Augmentation**: one of the 8 flips/90° rotations, the same for the three images of a triplet.
+* **Precision and speed** (:mod:`nrrn_daemon.acceleration`): channels-last layout, bf16 autocast
+  where the hardware has it (``precision="auto"``; fp16-only GPUs train in float32, as fp16
+  would need loss scaling), the loss in float32, and ``torch.compile`` for long runs. The
+  validation loss is always computed in float32, eagerly, so runs at different precisions are
+  compared on equal terms.
 * **Synthetic noise** (``noise=``, for training on clean data): called once per triplet on its
   three images stacked, so a hook draws independent pixels (independent noise per slice, as
   Noise2Noise needs) but can give the three one level, as real adjacent slices have (a
@@ -46,8 +51,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import acceleration
 from .checkpoints import Checkpoint, Normalisation, NormMode, slice_stats
-from .devices import resolve_device
+from .devices import PRECISIONS, DeviceInfo, resolve_device
 from .errors import InputError, NRRNError
 from .nrrn import NRRN, NRRNConfig, n2n_loss
 
@@ -101,12 +107,21 @@ class TrainSettings:
         indices); overrides ``validation_fraction``.
     validation_every
         Also measure the validation loss every this many steps (0: start and end only).
+    validation_every_s
+        Also measure it at the first step after every multiple of this many seconds of wall
+        time (0: never): runs at different speeds are then compared at the same times, each
+        paying for the same number of validations.
     validation_patch, validation_crops
         Size and number of fixed crops per validation triplet.
     augment
         Random flips and 90° rotations (the same for the three images of a triplet).
     normalisation
         ``"dataset"`` or ``"slice"`` for a new model (a resumed one keeps its parent's mode).
+    precision
+        ``"auto"`` (bf16 autocast where native), ``"float32"`` or ``"bf16"``.
+    compile
+        ``"auto"`` (on CUDA, and on the CPU for models ≥ 32 channels, when the budget is
+        ≥ 5 minutes or ≥ 500 steps), ``"on"`` or ``"off"``.
     """
 
     steps: int | None = None
@@ -122,12 +137,21 @@ class TrainSettings:
     validation_fraction: float = 0.1
     validation_slices: tuple[int, ...] | None = None
     validation_every: int = 0
+    validation_every_s: float = 0.0
     validation_patch: int = 128
     validation_crops: int = 2
     augment: bool = True
     normalisation: NormMode = "dataset"
+    precision: str = "auto"
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in acceleration.COMPILE_CHOICES:
+            raise ValueError(
+                f"compile must be one of {acceleration.COMPILE_CHOICES}, got {self.compile!r}"
+            )
         if self.steps is None and self.minutes is None:
             raise ValueError("give a training budget: steps, minutes, or both")
         if self.steps is not None and self.steps < 1:
@@ -143,6 +167,8 @@ class TrainSettings:
                 f"need batch ≥ 1, lr > 0, 0 ≤ lr_floor ≤ 1; got {self.batch}, "
                 f"{self.lr}, {self.lr_floor}"
             )
+        if self.validation_every < 0 or self.validation_every_s < 0:
+            raise ValueError("validation_every and validation_every_s must be ≥ 0")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
@@ -165,8 +191,12 @@ class TrainReport:
     val_loss_end: float | None
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
+    val_seconds: list[float] = field(default_factory=list)
+    """Wall time since the start at which each ``val_curve`` point was measured."""
     train_triplets: int = 0
     val_triplets: int = 0
+    precision: str = "float32"
+    compiled: bool = False
 
 
 # -- which slices train, which validate ---------------------------------------------------------
@@ -436,7 +466,7 @@ def validation_loss(
             )
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), model.eager():
         for shape in sorted({s.shape for s, _ in samples}):
             group = [(s, w) for s, w in samples if s.shape == shape]
             for i in range(0, len(group), batch):
@@ -485,6 +515,15 @@ def _subsample(curve: list[float], points: int = CURVE_POINTS) -> list[tuple[int
     ]
 
 
+def _branches(
+    model: NRRN, device: DeviceInfo, centre: Tensor, prev: Tensor, nxt: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both branches of a training batch, under autocast; float32 out for the loss."""
+    with acceleration.autocast(device):
+        out_prev, out_next = model.branches(centre, [prev, nxt])
+    return out_prev.float(), out_next.float()
+
+
 def train(
     stacks: Sequence[StackLike],
     settings: TrainSettings,
@@ -529,7 +568,7 @@ def train(
     if init is not None and config is not None and config != init.config:
         raise ValueError(f"config {config} differs from the init checkpoint's {init.config}")
     config = init.config if init is not None else (config or NRRNConfig())
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, settings.precision, allow_fp16=False)
     sources = _prepare(stacks, settings)
 
     mode = init.normalisation.mode if init is not None else settings.normalisation
@@ -546,7 +585,11 @@ def train(
     model = NRRN.from_config(config)
     if init is not None:
         model.load_state_dict(init.state_dict)
-    model.to(device.device)
+    wanted = acceleration.wants_compile(
+        settings.compile, device, config.features,
+        minutes=settings.minutes, steps=settings.steps, training=True,
+    )  # fmt: skip
+    model = acceleration.prepare(model, device, wanted)
     rng = np.random.default_rng(settings.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
 
@@ -564,8 +607,11 @@ def train(
         model.train()
         return loss
 
+    val_seconds = [time.perf_counter() - start]
     val_start = validate()
     val_curve = [(0, val_start)] if val_start is not None else []
+    every_s = settings.validation_every_s
+    next_val_s = every_s if every_s > 0 else math.inf
     losses: list[float] = []
     budget_s = settings.minutes * 60 if settings.minutes is not None else None
     stopped_by = "steps"
@@ -583,8 +629,12 @@ def train(
         )
         for group in optimiser.param_groups:
             group["lr"] = settings.lr * _lr_factor(progress, settings.lr_floor)
-        prev, centre, nxt = (t.to(device.device) for t in sampler.batch(rng, settings.batch))
-        out_prev, out_next = model.branches(centre, [prev, nxt])
+        prev, centre, nxt = (
+            acceleration.to_layout(t.to(device.device)) for t in sampler.batch(rng, settings.batch)
+        )
+        out_prev, out_next = acceleration.run_with_fallback(
+            model, _branches, model, device, centre, prev, nxt
+        )
         loss = n2n_loss(out_prev, out_next, prev, nxt)
         if not math.isfinite(loss.item()):
             raise NRRNError(
@@ -598,13 +648,21 @@ def train(
         step = len(losses)
         if on_progress is not None:
             on_progress(step, settings.steps, losses[-1], time.perf_counter() - start)
-        if settings.validation_every and step % settings.validation_every == 0:
+        now_s = time.perf_counter() - start
+        if (settings.validation_every and step % settings.validation_every == 0) or (
+            now_s >= next_val_s
+        ):
             val = validate()
             if val is not None:
                 val_curve.append((step, val))
+                val_seconds.append(now_s)
+            if every_s > 0:
+                next_val_s = (now_s // every_s + 1) * every_s
+    end_s = time.perf_counter() - start
     val_end = validate()
     if val_end is not None and (not val_curve or val_curve[-1][0] != len(losses)):
         val_curve.append((len(losses), val_end))
+        val_seconds.append(end_s)
     model.eval()
     seconds = time.perf_counter() - start
     report = TrainReport(
@@ -616,8 +674,11 @@ def train(
         val_loss_end=val_end,
         loss_curve=_subsample(losses),
         val_curve=val_curve,
+        val_seconds=[round(t, 2) for t in val_seconds] if val_curve else [],
         train_triplets=len(sampler.items),
         val_triplets=len(val_triplets),
+        precision=device.precision,
+        compiled=model.compiled,
     )
     summary = {
         "kind": "fine-tune" if init is not None else "train",
@@ -631,4 +692,5 @@ def train(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # Through JSON and back: tuples become lists, as they will be when read from the file.
+    model = model.to(memory_format=torch.contiguous_format)  # plain layout in the file
     return Checkpoint.from_model(model, norm, json.loads(json.dumps(summary))), report

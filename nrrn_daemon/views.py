@@ -86,6 +86,8 @@ def _dataset_panel(ds: dict[str, Any]) -> Panel:
     model = ds.get("model")
     t.add_row("model", "—" if model is None else f"{model['label']} ({model['sha256'][:12]})")
     device = ds.get("device") or "—"
+    if ds.get("precision"):
+        device += f" ({ds['precision']})"
     if ds.get("cpu_fallback"):
         device += "  [yellow bold]CPU — no GPU in use, slower[/]"
     t.add_row("device", device)

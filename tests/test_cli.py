@@ -213,7 +213,9 @@ def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_checkpoint, crop):
     assert result.exit_code == 0, result.output
     ds = json.loads(result.output)["datasets"][0]
     assert ds["slices"]["denoised"] == len(crop) and ds["cpu_fallback"] is True
-    assert invoke("status", "--db", db).exit_code == 0
+    assert ds["precision"] in ("bf16", "float32")
+    text = invoke("status", "--db", db)
+    assert text.exit_code == 0 and f"cpu ({ds['precision']})" in text.output
     target = out / "SEM Image - SliceImage - 003.tif"
     result = invoke("provenance", target, "--db", db, "--json")
     assert result.exit_code == 0, result.output
@@ -225,6 +227,9 @@ def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_checkpoint, crop):
     ]
     argv = record["rerun"]["argv"]
     assert argv[:2] == ["nrrn-daemon", "denoise"] and "--databar" in argv
+    # The precision and compilation the daemon used (both change the rounding).
+    assert argv[argv.index("--precision") + 1] == ds["precision"]
+    assert argv[argv.index("--compile") + 1] == "off", "a tiny model is not compiled"
     result = invoke(*argv[1:])
     assert result.exit_code == 0, result.output
     again = tifffile.imread(record["rerun"]["expected_output"])

@@ -1,7 +1,8 @@
 """The Denoiser: tiled == whole-image inference, dtypes, normalisation, errors, OOM fallback.
 
-Tiny random-weight NRRNs (8 features) in float32 on the CPU; the only fake is a model that
-raises CUDA's out-of-memory error, since no GPU can be had here.
+Tiny random-weight NRRNs (8 features) in float32 on the CPU (reduced precision and compilation
+are tested in ``tests/test_precision.py``); the only fake is a model that raises CUDA's
+out-of-memory error, since no GPU can be had here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from nrrn_daemon.checkpoints import Checkpoint, Normalisation
 from nrrn_daemon.denoise import MIN_TILE, Denoiser
+from nrrn_daemon.devices import cpu_bf16_features
 from nrrn_daemon.errors import InputError, NRRNError
 from nrrn_daemon.nrrn import NRRN
 from nrrn_daemon.tiling import plan_tiles, stitch
@@ -55,6 +57,8 @@ def float_levels(ckpt: Checkpoint, stack: list[np.ndarray]) -> np.ndarray:
 
 
 MODES = {"single": 0, "pair": 1, "triplet": 2}
+FP32 = {"device": "cpu", "precision": "float32"}
+"""Exactness is checked in float32 (bf16 is within 1 grey level: tests/test_precision.py)."""
 
 
 def split(stack: list[np.ndarray], mode: str) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -81,8 +85,8 @@ def test_tiled_equals_whole_image(
 ) -> None:
     ckpt = make_checkpoint(blocks=blocks)
     centre, neighbours = split(noisy_stack(shape), mode)
-    tiled = Denoiser(ckpt, device="cpu", tile=tile, tile_batch=tile_batch)
-    whole = Denoiser(ckpt, device="cpu", tile=None)
+    tiled = Denoiser(ckpt, **FP32, tile=tile, tile_batch=tile_batch)
+    whole = Denoiser(ckpt, **FP32, tile=None)
     out = tiled.denoise(centre, neighbours)
     ref = whole.denoise(centre, neighbours)
     assert out.shape == shape and out.dtype == np.uint8
@@ -94,8 +98,8 @@ def test_tiled_equals_whole_image(
 def test_repeat_scans_tiled_equals_whole_image() -> None:
     ckpt = make_checkpoint(blocks=2)
     centre, *scans = noisy_stack((70, 90), count=4)
-    out = Denoiser(ckpt, device="cpu", tile=20).denoise(centre, scans)
-    assert_nearly_equal(out, Denoiser(ckpt, device="cpu", tile=None).denoise(centre, scans))
+    out = Denoiser(ckpt, **FP32, tile=20).denoise(centre, scans)
+    assert_nearly_equal(out, Denoiser(ckpt, **FP32, tile=None).denoise(centre, scans))
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 3, 4, 5])
@@ -132,7 +136,7 @@ def test_one_mean_and_std_for_all_slices(normalisation: Normalisation) -> None:
     ckpt = make_checkpoint(blocks=1, normalisation=normalisation)
     centre, prev, next_ = noisy_stack((40, 50))
     next_ = (next_ // 2 + 100).astype(np.uint8)
-    out = Denoiser(ckpt, device="cpu", tile=16).denoise(centre, [prev, next_])
+    out = Denoiser(ckpt, **FP32, tile=16).denoise(centre, [prev, next_])
     expected = float_levels(ckpt, [centre, prev, next_]).clip(0, 255).round()
     assert_nearly_equal(out, expected)
 
@@ -145,7 +149,7 @@ def test_identity_model_round_trips_exactly(dtype: type) -> None:
     centre, prev, next_ = (
         rng.integers(0, top, (60, 70), endpoint=True, dtype=dtype) for _ in range(3)
     )
-    out = Denoiser(ckpt, device="cpu", tile=32).denoise(centre, [prev, next_])
+    out = Denoiser(ckpt, **FP32, tile=32).denoise(centre, [prev, next_])
     assert out.dtype == dtype
     np.testing.assert_array_equal(out, centre)
 
@@ -157,7 +161,7 @@ def test_uint16_ramp_keeps_its_levels() -> None:
     noisy = [
         np.clip(ramp + rng.normal(0, 500, ramp.shape), 0, 65535).astype(np.uint16) for _ in range(3)
     ]
-    out = Denoiser(ckpt, device="cpu", tile=64).denoise(noisy[0], noisy[1:])
+    out = Denoiser(ckpt, **FP32, tile=64).denoise(noisy[0], noisy[1:])
     assert out.dtype == np.uint16
     assert out.min() >= 0 and out.max() <= 65535
     assert np.corrcoef(out.ravel().astype(np.float64), ramp.ravel())[0, 1] > 0.99
@@ -167,7 +171,7 @@ def test_uint16_ramp_keeps_its_levels() -> None:
 def test_out_of_range_outputs_are_clipped_not_wrapped() -> None:
     ckpt = make_checkpoint(blocks=1, noise_scale=30.0, seed=6)
     centre, prev, next_ = noisy_stack((40, 40))
-    out = Denoiser(ckpt, device="cpu", tile=16).denoise(centre, [prev, next_])
+    out = Denoiser(ckpt, **FP32, tile=16).denoise(centre, [prev, next_])
     levels = float_levels(ckpt, [centre, prev, next_])
     assert levels.min() < -100 and levels.max() > 355, "the test needs outputs beyond 0..255"
     assert out.dtype == np.uint8
@@ -176,7 +180,7 @@ def test_out_of_range_outputs_are_clipped_not_wrapped() -> None:
 
 # -- errors ---------------------------------------------------------------------------------
 def test_neighbour_shape_mismatch_names_both_shapes() -> None:
-    den = Denoiser(make_checkpoint(blocks=1), device="cpu")
+    den = Denoiser(make_checkpoint(blocks=1), **FP32)
     with pytest.raises(InputError, match=r"\(40, 50\).*\(40, 49\)|\(40, 49\).*\(40, 50\)"):
         den.denoise(np.zeros((40, 50), np.uint8), [np.zeros((40, 49), np.uint8)])
 
@@ -194,7 +198,7 @@ def test_neighbour_shape_mismatch_names_both_shapes() -> None:
 def test_bad_inputs_are_refused(
     centre: np.ndarray, neighbours: list[np.ndarray], message: str
 ) -> None:
-    den = Denoiser(make_checkpoint(blocks=1), device="cpu")
+    den = Denoiser(make_checkpoint(blocks=1), **FP32)
     with pytest.raises(InputError, match=message):
         den.denoise(centre, neighbours)
 
@@ -213,7 +217,8 @@ def test_unknown_device_is_refused() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_auto_falls_back_to_the_cpu_and_says_so() -> None:
     den = Denoiser(make_checkpoint(blocks=1))
-    assert (den.device, den.precision, den.cpu_fallback) == ("cpu", "float32", True)
+    expected = "bf16" if cpu_bf16_features() else "float32"
+    assert (den.device, den.precision, den.cpu_fallback) == ("cpu", expected, True)
     assert den.device_name
     assert (den.tile, den.tile_batch) == (512, 1), "no batching by default on the CPU"
     explicit = Denoiser(make_checkpoint(blocks=1), device="cpu")
@@ -221,7 +226,7 @@ def test_auto_falls_back_to_the_cpu_and_says_so() -> None:
 
 
 def test_timing_is_recorded() -> None:
-    den = Denoiser(make_checkpoint(blocks=1), device="cpu", tile=32)
+    den = Denoiser(make_checkpoint(blocks=1), **FP32, tile=32)
     centre, prev, next_ = noisy_stack((70, 70))
     den.denoise(centre, [prev, next_])
     t = den.last_timing
@@ -250,34 +255,34 @@ class OutOfMemoryAbove(nn.Module):
 def test_out_of_memory_halves_the_batch_first() -> None:
     ckpt = make_checkpoint(blocks=1)
     centre, prev, next_ = noisy_stack((100, 100))
-    den = Denoiser(ckpt, device="cpu", tile=32, tile_batch=8)
+    den = Denoiser(ckpt, **FP32, tile=32, tile_batch=8)
     fake = OutOfMemoryAbove(den.model, limit=2 * 35 * 35)  # 35-px windows
     den.model = fake
     out = den.denoise(centre, [prev, next_])
     assert (den.tile, den.tile_batch) == (32, 2), "the batch that fitted is kept"
     assert den.last_timing["oom_retries"] == 2
-    assert_nearly_equal(out, Denoiser(ckpt, device="cpu", tile=None).denoise(centre, [prev, next_]))
+    assert_nearly_equal(out, Denoiser(ckpt, **FP32, tile=None).denoise(centre, [prev, next_]))
 
 
 def test_out_of_memory_then_halves_the_tile_down_to_the_floor() -> None:
     ckpt = make_checkpoint(blocks=1)
     centre, prev, next_ = noisy_stack((150, 130))
-    den = Denoiser(ckpt, device="cpu", tile=None, tile_batch=4)
+    den = Denoiser(ckpt, **FP32, tile=None, tile_batch=4)
     den.model = OutOfMemoryAbove(den.model, limit=5000)
     out = den.denoise(centre, [prev, next_])
     assert den.tile == MIN_TILE and den.tile_batch == 1
-    assert_nearly_equal(out, Denoiser(ckpt, device="cpu", tile=None).denoise(centre, [prev, next_]))
+    assert_nearly_equal(out, Denoiser(ckpt, **FP32, tile=None).denoise(centre, [prev, next_]))
 
 
 def test_out_of_memory_at_the_floor_is_a_clear_error() -> None:
-    den = Denoiser(make_checkpoint(blocks=1), device="cpu", tile=256, tile_batch=2)
+    den = Denoiser(make_checkpoint(blocks=1), **FP32, tile=256, tile_batch=2)
     den.model = OutOfMemoryAbove(den.model, limit=0)
     with pytest.raises(NRRNError, match=r"out of memory on cpu .* one 60×60 window per pass"):
         den.denoise(*split(noisy_stack((200, 200)), "pair"))
 
 
 def test_an_explicit_plan_for_another_size_is_refused() -> None:
-    den = Denoiser(make_checkpoint(blocks=1), device="cpu")
+    den = Denoiser(make_checkpoint(blocks=1), **FP32)
     with pytest.raises(ValueError, match="outside the 40×40 slice"):
         den.denoise(np.zeros((40, 40), np.uint8), tiles=plan_tiles(50, 50, 16, 5))
     with pytest.raises(ValueError, match="cores cover 900 px"):

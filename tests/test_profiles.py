@@ -70,7 +70,7 @@ def test_demo_profile_is_fast_and_small() -> None:
 
 def test_helios_reads_fei_databar_and_polls() -> None:
     helios = load_profile("helios", search_path=[BUNDLED_PROFILES])
-    assert helios.image.databar == "fei" and helios.watch.observer == "polling"
+    assert helios.image.databar == "fei" and helios.watch.observer == "listing"
 
 
 def test_defaults_fill_missing_tables(tmp_path: Path) -> None:
@@ -301,7 +301,7 @@ def test_field_docs_cover_every_field() -> None:
         docs
     )
     assert all(text for text in docs.values()), [k for k, v in docs.items() if not v]
-    assert len(docs) == 35
+    assert len(docs) == 38
 
 
 def test_profiles_are_frozen(tmp_path: Path) -> None:

@@ -224,6 +224,20 @@ def test_resume_continues_from_the_parent() -> None:
         train([stack], settings, NRRNConfig(2, 6), init=parent)
 
 
+def test_validation_every_seconds_marks_wall_time() -> None:
+    """Time-based validation (benchmarks compare runs of different speeds at equal times)."""
+    stack = _noisy_stack(n=12, size=40)
+    settings = TrainSettings(
+        steps=6, batch=2, patch=24, device="cpu", validation_fraction=0.25,
+        validation_every_s=1e-4,
+    )  # fmt: skip
+    _, report = train([stack], settings, NRRNConfig(1, 4))
+    steps = [step for step, _ in report.val_curve]
+    assert steps == list(range(7)), "every step ends past a mark: validated after each"
+    assert len(report.val_seconds) == len(report.val_curve)
+    assert report.val_seconds == sorted(report.val_seconds) and report.val_seconds[0] >= 0
+
+
 def test_validation_loss_is_deterministic_and_scales_to_grey_levels() -> None:
     stack = _noisy_stack(n=3, size=40)
     triplets = [(stack[0], stack[1], stack[2])]
