@@ -57,7 +57,7 @@ from nrrn_daemon.denoise import Denoiser
 from nrrn_daemon.errors import Abandoned
 from nrrn_daemon.microscope import encode_tiff
 from nrrn_daemon.nrrn import NRRN
-from nrrn_daemon.profiles import load_profile
+from nrrn_daemon.profile_files import load_profile
 from nrrn_daemon.provenance import Store
 
 NAME = "slice_{:05d}.tif"

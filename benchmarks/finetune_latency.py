@@ -23,7 +23,7 @@ from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.microscope import Microscope
 from nrrn_daemon.noise import noisy_stack
 from nrrn_daemon.phantom import make_phantom
-from nrrn_daemon.profiles import load_profile
+from nrrn_daemon.profile_files import load_profile
 from nrrn_daemon.provenance import Store
 
 

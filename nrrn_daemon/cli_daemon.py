@@ -32,7 +32,7 @@ DbOpt = Annotated[
 def _db_path(profile: str, db: Path | None) -> Path:
     if db is not None:
         return db
-    from .profiles import load_profile
+    from .profile_files import load_profile
 
     return Path(load_profile(profile).store.database).expanduser()
 
@@ -54,7 +54,7 @@ def start(
 ) -> None:
     """Run the daemon in the foreground: watch, denoise, record (Ctrl-C / SIGTERM stops it)."""
     from .daemon import Daemon
-    from .profiles import load_profile
+    from .profile_files import load_profile
     from .provenance import Store
 
     overrides: dict[str, Any] = {}
@@ -131,7 +131,7 @@ def profiles(
     ] = None,
 ) -> None:
     """List the profiles found on the search path and whether each is valid."""
-    from .profiles import list_profiles, load_profile, profile_search_path
+    from .profile_files import list_profiles, load_profile, profile_search_path
 
     if validate:
         prof = load_profile(validate)

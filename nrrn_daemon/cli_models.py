@@ -87,7 +87,7 @@ def finetune(
     from .daemon import resolve_checkpoint
     from .finetune import begin, failed_result, record_result, run_finetune
     from .finetune_runner import job_for, pid_alive, request_file
-    from .profiles import load_profile
+    from .profile_files import load_profile
     from .provenance import Store
 
     overrides = {"store.database": str(db)} if db is not None else None
@@ -149,7 +149,7 @@ def models(
 ) -> None:
     """List a data set's model versions, or switch its current model by hand."""
     from .cli_daemon import _db_path
-    from .profiles import load_profile
+    from .profile_files import load_profile
     from .provenance import Store
 
     db_path = _db_path(profile, db)

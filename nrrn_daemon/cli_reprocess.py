@@ -71,7 +71,7 @@ def reprocess(
 ) -> None:
     """Re-denoise a whole data set on Dask workers: TIFFs and/or an OME-Zarr volume, resumable."""
     from .cli_models import _daemon_alive
-    from .profiles import load_profile
+    from .profile_files import load_profile
     from .provenance import Store
     from .reprocess import Summary, dask_cluster, plan_reprocess, run_plan
     from .reprocess_tasks import SliceResult

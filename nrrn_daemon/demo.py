@@ -26,7 +26,7 @@ from .metrics import psnr, ssim
 from .microscope import Microscope
 from .noise import noisy_stack
 from .phantom import make_phantom
-from .profiles import load_profile
+from .profile_files import load_profile
 from .provenance import Store
 
 NAME_PATTERN = "SEM Image - SliceImage - {:03d}.tif"

@@ -12,7 +12,7 @@ owns the database (the daemon, or the CLI when no daemon runs) records it with
 Data: only **raw** slices (state ``ready`` or ``denoised``, never outputs), by index. Slices are
 split into runs of consecutive indices (a gap breaks a triplet); runs too short to leave a training
 triplet outside their validation blocks are skipped. At most :data:`MAX_SLICES` slices (the newest)
-are loaded. Validation slices are :func:`~nrrn_daemon.training.validation_blocks` of each run,
+are loaded. Validation slices are :func:`~nrrn_daemon.validation.validation_blocks` of each run,
 exactly as ``train`` holds them out.
 
 Repeat-scan data sets (``FinetuneJob.scans_per_slice`` ≥ 3) train on **scan triplets**: three
@@ -60,7 +60,8 @@ from .imageio import DatabarMode, atomic_write, read_slice
 from .metrics import estimate_noise
 from .provenance import Store
 from .states import FinetuneStatus, ModelKind, SliceState
-from .training import TrainSettings, Triplet, train, validation_blocks, validation_loss
+from .training import TrainSettings, train
+from .validation import Triplet, validation_blocks, validation_loss
 
 log = logging.getLogger("nrrn_daemon.finetune")
 

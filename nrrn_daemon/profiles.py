@@ -3,40 +3,24 @@
 A profile says where the microscope writes its slices, how to read an index out of a file name,
 how to group slices, where outputs and the provenance database go, which model to run and when to
 fine-tune it. Every model forbids unknown fields, bounds its numbers and documents each field with
-the docstring under it (``use_attribute_docstrings``); :func:`profile_field_docs` exposes those
-docstrings so the README can be checked against them.
+the docstring under it (``use_attribute_docstrings``);
+:func:`~nrrn_daemon.profile_files.profile_field_docs` exposes those docstrings so the README can
+be checked against them.
 
-Profiles are looked up by name in :func:`profile_search_path` (first occurrence wins) or read from
-a path. Every failure raises :class:`~nrrn_daemon.errors.ProfileError` with one line that names the
-file, the dotted field, what is wrong and the value given.
+This module is the schema. Finding, reading and listing profile files (:func:`load_profile`,
+:func:`list_profiles`, :func:`profile_search_path`) is :mod:`nrrn_daemon.profile_files`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import string
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from nrrn_daemon.errors import InputError, ProfileError
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with the tomli backport
-    import tomli as tomllib  # type: ignore[no-redef]
+from nrrn_daemon import naming
 
 __all__ = [
     "FinetuneSettings",
@@ -45,26 +29,12 @@ __all__ = [
     "ModelSettings",
     "OutputSettings",
     "Profile",
-    "ProfileEntry",
     "StoreSettings",
     "WatchSettings",
-    "list_profiles",
-    "load_profile",
-    "profile_field_docs",
-    "profile_search_path",
 ]
 
 PROFILE_NAME = re.compile(r"^[a-z0-9_-]+$")
 """What a profile name may look like: it doubles as a file name, so it cannot escape a folder."""
-
-BUNDLED_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
-"""The profiles shipped in the repository, searched last."""
-
-SYSTEM_PROFILES = Path("/etc/nrrn-daemon/profiles")
-"""Site-wide profiles, searched after the user's own."""
-
-NAMING_FIELDS = ("name", "stem", "suffix", "index")
-"""The placeholders an output naming template may use."""
 
 _STRICT = ConfigDict(
     extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
@@ -82,24 +52,6 @@ def _is_within(inner: Path, outer: Path) -> bool:
     """Whether ``inner`` is ``outer`` or lies below it, after resolving both against the CWD."""
     inner, outer = inner.resolve(), outer.resolve()
     return inner == outer or outer in inner.parents
-
-
-def _render(template: str, input_name: str, index: int | None) -> str:
-    """Fill a naming template; an {index} placeholder with no index raises ValueError."""
-    path = Path(input_name)
-    fields: dict[str, Any] = {"name": input_name, "stem": path.stem, "suffix": path.suffix}
-    if index is not None:
-        fields["index"] = index
-    elif "index" in {f for _, f, _, _ in string.Formatter().parse(template)}:
-        raise ValueError("the template uses {index} but the slice has no index")
-    return template.format_map(fields)
-
-
-def _check_file_name(name: str) -> str:
-    """Return ``name`` if it is a plain file name, else raise InputError saying why."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise InputError(f"{name!r} is not a plain file name (no '/', '\\', '..' or NUL)")
-    return name
 
 
 class WatchSettings(BaseModel):
@@ -251,30 +203,7 @@ class OutputSettings(BaseModel):
     @field_validator("naming")
     @classmethod
     def _naming_is_a_safe_template(cls, value: str) -> str:
-        try:
-            parts = list(string.Formatter().parse(value))
-        except ValueError as exc:
-            raise ValueError(f"not a valid template ({exc})") from None
-        fields = {f for _, f, _, _ in parts if f is not None}
-        unknown = sorted(f or "{}" for f in fields if f not in NAMING_FIELDS)
-        if unknown:
-            raise ValueError(
-                f"unknown placeholder(s) {', '.join(unknown)}; allowed: "
-                + ", ".join("{" + f + "}" for f in NAMING_FIELDS)
-            )
-        if not fields & {"name", "stem", "index"}:
-            raise ValueError(
-                "the template must contain {name}, {stem} or {index}, "
-                "else every slice would be written to the same file"
-            )
-        for literal, *_ in parts:
-            if "/" in literal or "\\" in literal:
-                raise ValueError("the template must not contain '/' or '\\'")
-        try:
-            _check_file_name(_render(value, "SEM Image - SliceImage - 001.tif", 1))
-        except (InputError, ValueError) as exc:
-            raise ValueError(f"the template does not give a plain file name: {exc}") from None
-        return value
+        return naming.check_template(value)
 
 
 class StoreSettings(BaseModel):
@@ -475,215 +404,4 @@ class Profile(BaseModel):
         InputError
             When the template needs {index} and none is given, or the result is not a plain name.
         """
-        try:
-            result = _render(self.output.naming, input_name, index)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise InputError(
-                f"cannot name the output of {input_name!r} with output.naming "
-                f"{self.output.naming!r} (index {index!r}): {exc}"
-            ) from None
-        return _check_file_name(result)
-
-
-@dataclass(frozen=True)
-class ProfileEntry:
-    """One profile found in the search path: either loaded, or the reason it failed to load."""
-
-    name: str
-    """The name it is looked up by (file name without .toml)."""
-    path: Path
-    """The TOML file."""
-    profile: Profile | None
-    """The validated profile, or None when it failed to load."""
-    error: str | None
-    """Why it failed to load, or None."""
-
-
-def profile_search_path() -> list[Path]:
-    """The folders searched for a profile by name, in order (the first occurrence wins).
-
-    ``$NRRN_PROFILES`` (``os.pathsep``-separated), ``$XDG_CONFIG_HOME/nrrn-daemon/profiles``
-    (default ``~/.config``), ``/etc/nrrn-daemon/profiles``, then the shipped ones: the
-    repository's ``profiles/`` (a source checkout or editable install) and
-    ``<prefix>/share/nrrn-daemon/profiles`` (a wheel install).
-    """
-    env = [Path(p).expanduser() for p in os.environ.get("NRRN_PROFILES", "").split(os.pathsep)]
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return [
-        *(p for p in env if str(p) not in ("", ".")),
-        config / "nrrn-daemon" / "profiles",
-        SYSTEM_PROFILES,
-        BUNDLED_PROFILES,
-        Path(sys.prefix) / "share" / "nrrn-daemon" / "profiles",
-    ]
-
-
-def _looks_like_path(value: str | Path) -> bool:
-    if isinstance(value, Path):
-        return True
-    seps = {os.sep, os.altsep, "/"} - {None}
-    return any(s in value for s in seps) or value.endswith(".toml") or Path(value).is_file()
-
-
-def _find(name: str, search_path: list[Path]) -> Path:
-    if not PROFILE_NAME.match(name):
-        raise ProfileError(
-            f"invalid profile name {name!r}: use lower-case letters, digits, '_' and '-' "
-            "(or give a path to a .toml file)"
-        )
-    for folder in search_path:
-        candidate = folder / f"{name}.toml"
-        if candidate.is_file():
-            return candidate
-    available = sorted({p.stem for folder in search_path for p in _tomls(folder)})
-    raise ProfileError(
-        f"unknown profile {name!r}; available: {', '.join(available) or 'none'}; "
-        f"searched: {', '.join(str(p) for p in search_path)}"
-    )
-
-
-def _tomls(folder: Path) -> list[Path]:
-    try:
-        return sorted(p for p in folder.glob("*.toml") if p.is_file())
-    except OSError:
-        return []
-
-
-def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any], path: Path) -> None:
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = data
-        for i, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ProfileError(
-                    f"{path}: cannot override {key!r}: {'.'.join(parents[: i + 1])} is not a table"
-                )
-            node = child
-        node[leaf] = os.fspath(value) if isinstance(value, os.PathLike) else value
-
-
-def _allowed_fields(loc: tuple[int | str, ...]) -> list[str]:
-    """The field names allowed in the table that holds ``loc`` (for 'unknown field' messages)."""
-    model: type[BaseModel] = Profile
-    for part in loc[:-1]:
-        annotation = model.model_fields[str(part)].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _describe(exc: ValidationError) -> str:
-    messages = []
-    for err in exc.errors():
-        loc = err["loc"]
-        field = ".".join(str(p) for p in loc) or "profile"
-        if err["type"] == "extra_forbidden":
-            table = ".".join(str(p) for p in loc[:-1])
-            where = f"[{table}]" if table else "the top level"
-            messages.append(
-                f"unknown field {field!r} (value {err['input']!r}); allowed in {where}: "
-                + ", ".join(_allowed_fields(loc))
-            )
-            continue
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "missing":
-            messages.append(f"{field}: required field is missing")
-        elif loc and not isinstance(err["input"], dict):
-            messages.append(f"{field}: {msg}; given {err['input']!r}")
-        else:  # table-level checks name their fields and values themselves
-            messages.append(msg)
-    return "; ".join(messages)
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"profile file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
-
-
-def load_profile(
-    name_or_path: str | Path,
-    overrides: dict[str, Any] | None = None,
-    *,
-    search_path: list[Path] | None = None,
-) -> Profile:
-    """Load and validate a profile.
-
-    Parameters
-    ----------
-    name_or_path
-        A profile name, looked up in ``search_path``, or a path to a TOML file (a value with a
-        path separator, ending in ``.toml``, or naming an existing file).
-    overrides
-        Dotted keys applied before validation, e.g. ``{"watch.folder": "/mnt/acq"}``.
-    search_path
-        Folders to look names up in; default :func:`profile_search_path`.
-
-    Returns
-    -------
-    Profile
-        The validated profile; ``profile.source`` is the file it came from.
-
-    Raises
-    ------
-    ProfileError
-        Unknown name (listing the available ones), unreadable file, bad TOML (with its line), or
-        invalid fields (naming each dotted field, what is wrong and the value given).
-    """
-    folders = profile_search_path() if search_path is None else list(search_path)
-    if _looks_like_path(name_or_path):
-        path = Path(os.path.expanduser(os.fspath(name_or_path)))
-    else:
-        path = _find(str(name_or_path), folders)
-    data = _read(path)
-    if overrides:
-        _apply_overrides(data, overrides, path)
-    try:
-        profile = Profile.model_validate(data)
-    except ValidationError as exc:
-        raise ProfileError(f"invalid profile {path}: {_describe(exc)}") from None
-    profile._source = path
-    return profile
-
-
-def list_profiles(search_path: list[Path] | None = None) -> list[ProfileEntry]:
-    """Every profile in the search path (the first occurrence of a name wins), sorted by name.
-
-    Profiles that fail to load are listed with their error instead of raising.
-    """
-    folders = profile_search_path() if search_path is None else list(search_path)
-    found: dict[str, Path] = {}
-    for folder in folders:
-        for path in _tomls(folder):
-            found.setdefault(path.stem, path)
-    entries = []
-    for name, path in sorted(found.items()):
-        try:
-            entries.append(ProfileEntry(name, path, load_profile(path), None))
-        except ProfileError as exc:
-            entries.append(ProfileEntry(name, path, None, str(exc)))
-    return entries
-
-
-def profile_field_docs() -> list[tuple[str, str]]:
-    """Every profile field as (dotted name, docstring), tables first then their fields."""
-    docs: list[tuple[str, str]] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, info in model.model_fields.items():
-            docs.append((prefix + name, " ".join((info.description or "").split())))
-            sub = info.annotation
-            if isinstance(sub, type) and issubclass(sub, BaseModel):
-                walk(sub, f"{prefix}{name}.")
-
-    walk(Profile, "")
-    return docs
+        return naming.output_name(self.output.naming, input_name, index)

@@ -6,7 +6,9 @@ lock. The database is in WAL mode, so ``nrrn-daemon status`` and ``provenance`` 
 read-only (``Store(path, readonly=True)``, an SQLite ``mode=ro`` URI) while the daemon runs; a
 read-only store reads inside one transaction, so a report is one consistent snapshot.
 
-The tables are in :mod:`nrrn_daemon.store_models`, the read-side reports in
+The tables are in :mod:`nrrn_daemon.store_models`, the connection and unit of work in
+:mod:`nrrn_daemon.store_engine` (:class:`~nrrn_daemon.store_engine.StoreCore`), the model-version
+and fine-tune records in :mod:`nrrn_daemon.store_versions`, the read-side reports in
 :mod:`nrrn_daemon.store_queries`. Every failure to open, read or write the file is raised as
 :class:`~nrrn_daemon.errors.StoreError` naming the file and what to do.
 """
@@ -16,46 +18,30 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, sessionmaker
 
 from nrrn_daemon import __version__
-from nrrn_daemon.errors import StoreError
-from nrrn_daemon.states import (
-    STALE_AFTER_S,
-    FinetuneStatus,
-    InputRole,
-    ModelKind,
-    OutputMode,
-    OutputReason,
-    SliceState,
-)
-from nrrn_daemon.store_engine import explain, make_engine, open_schema
+from nrrn_daemon.states import STALE_AFTER_S, InputRole, OutputMode, OutputReason, SliceState
 from nrrn_daemon.store_models import (
     SCHEMA_VERSION,
     Dataset,
-    FinetuneRun,
-    ModelVersion,
     Output,
     OutputInput,
     Run,
     Slice,
     SliceInfo,
 )
-from nrrn_daemon.store_queries import models_report, provenance_report, status_report
+from nrrn_daemon.store_queries import provenance_report, status_report
+from nrrn_daemon.store_versions import ModelVersions
 
 __all__ = ["SCHEMA_VERSION", "SliceInfo", "Store"]
 
 
-class Store:
+class Store(ModelVersions):
     """The provenance database, open for writing (the daemon) or read-only (``status``).
 
     Parameters
@@ -76,63 +62,6 @@ class Store:
         or has a schema version this code does not know.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        readonly: bool = False,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.path = Path(path).expanduser().absolute()
-        self.readonly = readonly
-        self._clock = clock
-        if readonly and not self.path.is_file():
-            raise StoreError(f"no database at {self.path}, start the daemon first or pass --db")
-        if not readonly:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create the folder of {self.path}: {exc}") from exc
-        self._engine = make_engine(self.path, readonly)
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        try:
-            self._open_schema()
-        except BaseException:
-            self._engine.dispose()
-            raise
-
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close every connection (the last writer to close folds the WAL into the file)."""
-        self._engine.dispose()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _unit(self, doing: str, *, write: bool = True) -> Iterator[Session]:
-        """One transaction; database errors become :class:`StoreError` saying what failed."""
-        if write and self.readonly:
-            raise StoreError(f"cannot {doing}: database {self.path} is open read-only")
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except DBAPIError as exc:
-            raise StoreError(explain(self.path, doing, exc)) from exc
-
-    def _open_schema(self) -> None:
-        with self._unit("read the schema", write=False) as session:
-            open_schema(session, self.path, self.readonly)
-
-    def _exactly_one(self, result: Any, what: str) -> None:
-        """Raise when an UPDATE by id touched no row (the id is not in this database)."""
-        if result.rowcount != 1:
-            raise StoreError(f"no {what} in database {self.path}")
-
     # -- data sets and slices -----------------------------------------------------------------
 
     def ensure_dataset(self, name: str, watch_folder: str, profile_name: str) -> int:
@@ -150,6 +79,11 @@ class Store:
             row.profile_name = profile_name
             session.flush()
             return row.id
+
+    def dataset_ids(self) -> dict[str, int]:
+        """Every data set's name and id."""
+        with self._unit("read the data sets", write=False) as session:
+            return {name: i for name, i in session.execute(select(Dataset.name, Dataset.id))}
 
     def upsert_slice(
         self,
@@ -218,74 +152,6 @@ class Store:
                 .order_by(Slice.index, Slice.scan, Slice.id)
             )
             return [SliceInfo.of(row) for row in rows]
-
-    # -- models -------------------------------------------------------------------------------
-
-    def ensure_model(
-        self,
-        *,
-        sha256: str,
-        path: str,
-        label: str,
-        kind: ModelKind | str,
-        config: dict[str, Any],
-        parent_sha256: str | None = None,
-        metrics: dict[str, Any] | None = None,
-        dataset_id: int | None = None,
-    ) -> int:
-        """Return the id of the checkpoint with this sha256, recording it when new.
-
-        A checkpoint is identified by its sha256 alone: recording it again (from another path)
-        returns the first row unchanged.
-        """
-        with self._unit(f"record model {label}") as session:
-            found = session.scalar(select(ModelVersion.id).where(ModelVersion.sha256 == sha256))
-            if found is not None:
-                return found
-            row = ModelVersion(
-                sha256=sha256, path=str(path), label=label, kind=ModelKind(kind),
-                config_json=config, parent_sha256=parent_sha256, metrics_json=metrics,
-                dataset_id=dataset_id, created_at=self._clock(),
-            )  # fmt: skip
-            session.add(row)
-            session.flush()
-            return row.id
-
-    def set_current_model(self, dataset_id: int, model_id: int, *, promoted: bool = False) -> None:
-        """Make ``model_id`` the data set's model; ``promoted`` stamps its ``promoted_at``."""
-        with self._unit(f"set the model of data set {dataset_id}") as session:
-            dataset = session.get(Dataset, dataset_id)
-            model = session.get(ModelVersion, model_id)
-            if dataset is None or model is None:
-                raise StoreError(f"no data set {dataset_id} or model {model_id} in {self.path}")
-            dataset.current_model_id = model_id
-            if promoted:
-                model.promoted_at = self._clock()
-
-    def model_label(self, model_id: int) -> str:
-        """The label of a recorded model (``"base-1a2b3c4d"``, ``"ds3-v2"``)."""
-        with self._unit("read a model", write=False) as session:
-            label = session.scalar(select(ModelVersion.label).where(ModelVersion.id == model_id))
-        if label is None:
-            raise StoreError(f"no model {model_id} in database {self.path}")
-        return label
-
-    def model_path(self, model_id: int) -> str:
-        """The checkpoint path recorded for a model."""
-        with self._unit("read a model", write=False) as session:
-            path = session.scalar(select(ModelVersion.path).where(ModelVersion.id == model_id))
-        if path is None:
-            raise StoreError(f"no model {model_id} in database {self.path}")
-        return path
-
-    def current_model_path(self, dataset_id: int) -> str | None:
-        """The checkpoint path of the data set's current (promoted) model, if it has one."""
-        with self._unit("read the current model", write=False) as session:
-            return session.scalar(
-                select(ModelVersion.path)
-                .join(Dataset, Dataset.current_model_id == ModelVersion.id)
-                .where(Dataset.id == dataset_id)
-            )
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -455,122 +321,6 @@ class Store:
                 .values(ended_at=now, heartbeat_at=now, end_reason=reason)
             )
             self._exactly_one(done, f"run {run_id}")
-
-    # -- fine-tunes and model versions -------------------------------------------------------
-
-    def dataset_ids(self) -> dict[str, int]:
-        """Every data set's name and id."""
-        with self._unit("read the data sets", write=False) as session:
-            return {name: i for name, i in session.execute(select(Dataset.name, Dataset.id))}
-
-    def start_finetune(self, dataset_id: int, parent_model_id: int, summary: dict[str, Any]) -> int:
-        """Record a fine-tune as :attr:`FinetuneStatus.RUNNING`; return its id."""
-        with self._unit(f"record a fine-tune of data set {dataset_id}") as session:
-            row = FinetuneRun(
-                dataset_id=dataset_id, started_at=self._clock(), status=FinetuneStatus.RUNNING,
-                parent_model_id=parent_model_id, promoted=False, summary_json=summary,
-            )  # fmt: skip
-            session.add(row)
-            session.flush()
-            return row.id
-
-    def end_finetune(
-        self,
-        finetune_id: int,
-        status: FinetuneStatus,
-        candidate_model_id: int | None,
-        summary: dict[str, Any],
-    ) -> None:
-        """Record how a fine-tune ended (``summary`` is merged into the recorded one)."""
-        with self._unit(f"record the end of fine-tune {finetune_id}") as session:
-            row = session.get(FinetuneRun, finetune_id)
-            if row is None:
-                raise StoreError(f"no fine-tune {finetune_id} in database {self.path}")
-            row.ended_at, row.status = self._clock(), FinetuneStatus(status)
-            row.candidate_model_id = candidate_model_id
-            row.promoted = status == FinetuneStatus.PROMOTED
-            row.summary_json = {**row.summary_json, **summary}
-
-    def finetune_counts(self, dataset_id: int) -> tuple[int, int]:
-        """The data set's denoised slices and fine-tune runs (for the early trigger)."""
-        with self._unit("count slices and fine-tunes", write=False) as session:
-            denoised = session.scalar(
-                select(func.count())
-                .select_from(Slice)
-                .where(Slice.dataset_id == dataset_id, Slice.state == SliceState.DENOISED)
-            )
-            runs = session.scalar(
-                select(func.count())
-                .select_from(FinetuneRun)
-                .where(FinetuneRun.dataset_id == dataset_id)
-            )
-            return int(denoised or 0), int(runs or 0)
-
-    def close_dead_finetunes(self, alive: Callable[[int], bool]) -> int:
-        """Mark ``running`` fine-tunes of this host whose process is gone as failed.
-
-        ``alive(pid)`` says whether a process still runs. Returns how many were closed.
-        """
-        host = socket.gethostname()
-        closed = 0
-        with self._unit("close interrupted fine-tunes") as session:
-            for row in session.scalars(
-                select(FinetuneRun).where(FinetuneRun.status == FinetuneStatus.RUNNING)
-            ):
-                info = row.summary_json or {}
-                if info.get("host") == host and not alive(int(info.get("pid", -1))):
-                    row.status, row.ended_at = FinetuneStatus.FAILED, self._clock()
-                    row.summary_json = {**info, "error": "the fine-tune process died"}
-                    closed += 1
-        return closed
-
-    def models(self, dataset: str | None = None) -> dict[str, Any]:
-        """Model versions and fine-tunes, per data set; see :func:`models_report`."""
-        with self._unit("read the models", write=False) as session:
-            return models_report(session, dataset=dataset, where=str(self.path))
-
-    def find_model(self, dataset_id: int, version: str) -> int:
-        """The id of a model by label, sha256 (prefix of ≥ 6) or id, among the data set's own
-        models and the base models.
-
-        Raises
-        ------
-        StoreError
-            No such model, or the prefix matches several.
-        """
-        with self._unit("find a model", write=False) as session:
-            rows = list(
-                session.scalars(
-                    select(ModelVersion).where(
-                        (ModelVersion.dataset_id == dataset_id) | ModelVersion.dataset_id.is_(None)
-                    )
-                )
-            )
-        hits = [
-            m for m in rows
-            if version in (m.label, str(m.id), m.sha256)
-            or (len(version) >= 6 and m.sha256.startswith(version))
-        ]  # fmt: skip
-        if len(hits) != 1:
-            known = ", ".join(m.label for m in rows) or "none"
-            what = "no model" if not hits else "several models"
-            raise StoreError(f"{what} match {version!r} in {self.path} (known: {known})")
-        return hits[0].id
-
-    def model_parent(self, model_id: int) -> int | None:
-        """The id of a model's parent (by its recorded parent sha256), if recorded."""
-        with self._unit("read a model", write=False) as session:
-            model = session.get(ModelVersion, model_id)
-            if model is None or model.parent_sha256 is None:
-                return None
-            return session.scalar(
-                select(ModelVersion.id).where(ModelVersion.sha256 == model.parent_sha256)
-            )
-
-    def current_model_id(self, dataset_id: int) -> int | None:
-        """The data set's current model id (``None``: the profile's model.checkpoint)."""
-        with self._unit("read the current model", write=False) as session:
-            return session.scalar(select(Dataset.current_model_id).where(Dataset.id == dataset_id))
 
     # -- reports ------------------------------------------------------------------------------
 

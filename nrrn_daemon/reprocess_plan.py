@@ -28,7 +28,8 @@ from .checkpoints import BASE_CHECKPOINT, Checkpoint, load_checkpoint
 from .errors import InputError, NRRNError, OutputError, StoreError
 from .imageio import check_grey, open_tiff, read_slice, safe_join
 from .omezarr import OmeZarrVolume
-from .profiles import Profile, load_profile
+from .profile_files import load_profile
+from .profiles import Profile
 from .provenance import SliceInfo, Store
 from .reprocess_tasks import JobSpec, SliceSource, SliceTask
 from .stacks import _LAST_INT, _folder_slices, read_stack

@@ -1,4 +1,5 @@
-"""SQLite plumbing of the provenance store: connections, PRAGMAs, schema check, error messages.
+"""SQLite plumbing of the provenance store: connections, PRAGMAs, schema check, error messages,
+and :class:`StoreCore`, the open database with its one-transaction units of work.
 
 Every connection, on connect, gets ``synchronous=NORMAL``, ``foreign_keys=ON`` and a
 ``busy_timeout``; the writer also sets ``journal_mode=WAL`` (persistent in the file, so readers
@@ -10,14 +11,18 @@ store connects through an SQLite ``file:...?mode=ro`` URI and sets ``query_only`
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from nrrn_daemon import __version__
@@ -112,3 +117,69 @@ def explain(path: Path, doing: str, exc: DBAPIError) -> str:
     else:
         advice = "check the file, its folder and the disk"
     return f"cannot {doing} in database {path}: {cause}; {advice}"
+
+
+class StoreCore:
+    """The open database under :class:`nrrn_daemon.provenance.Store`: engine, units of work.
+
+    Opening creates (writer) or checks the schema; :meth:`_unit` is one transaction whose database
+    errors become :class:`StoreError`. The record methods are in the subclasses; the parameters are
+    documented on :class:`~nrrn_daemon.provenance.Store`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.readonly = readonly
+        self._clock = clock
+        if readonly and not self.path.is_file():
+            raise StoreError(f"no database at {self.path}, start the daemon first or pass --db")
+        if not readonly:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the folder of {self.path}: {exc}") from exc
+        self._engine = make_engine(self.path, readonly)
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        try:
+            self._open_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every connection (the last writer to close folds the WAL into the file)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _unit(self, doing: str, *, write: bool = True) -> Iterator[Session]:
+        """One transaction; database errors become :class:`StoreError` saying what failed."""
+        if write and self.readonly:
+            raise StoreError(f"cannot {doing}: database {self.path} is open read-only")
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except DBAPIError as exc:
+            raise StoreError(explain(self.path, doing, exc)) from exc
+
+    def _open_schema(self) -> None:
+        with self._unit("read the schema", write=False) as session:
+            open_schema(session, self.path, self.readonly)
+
+    def _exactly_one(self, result: Any, what: str) -> None:
+        """Raise when an UPDATE by id touched no row (the id is not in this database)."""
+        if result.rowcount != 1:
+            raise StoreError(f"no {what} in database {self.path}")

@@ -51,6 +51,15 @@ def random_checkpoint(path: Path, blocks: int = 1, features: int = 4, seed: int 
     return save_checkpoint(Checkpoint.from_model(model, Normalisation("slice", 0.0, 1.0)), path)
 
 
+def noisy_test_stack(rng_seed: int = 0, n: int = 6, size: int = 40) -> np.ndarray:
+    """A small synthetic noisy stack (smooth pattern + Gaussian noise, σ 20) for training tests."""
+    rng = np.random.default_rng(rng_seed)
+    yy, xx = np.mgrid[:size, :size]
+    clean = 100 + 60 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
+    stack = clean[None] + rng.normal(0, 20, (n, size, size))
+    return np.clip(stack, 0, 255).astype(np.uint8)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-building-unit, 4-channel NRRN with random weights: fast, for the daemon's mechanics."""

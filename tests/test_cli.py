@@ -14,7 +14,7 @@ from nrrn_daemon.checkpoints import load_checkpoint
 from nrrn_daemon.cli import app
 from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.microscope import Microscope, encode_tiff
-from nrrn_daemon.profiles import load_profile
+from nrrn_daemon.profile_files import load_profile
 from nrrn_daemon.provenance import Store
 
 runner = CliRunner()

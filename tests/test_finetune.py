@@ -36,7 +36,7 @@ from nrrn_daemon.finetune_runner import request_file
 from nrrn_daemon.metrics import psnr
 from nrrn_daemon.noise import noisy_stack
 from nrrn_daemon.provenance import Store
-from nrrn_daemon.training import validation_blocks
+from nrrn_daemon.validation import validation_blocks
 
 SLICES, SIDE, FRACTION = 24, 64, 0.2
 
@@ -235,7 +235,7 @@ def test_the_daemon_finetunes_in_a_subprocess_while_denoising(
     tmp_path: Path, fib_crop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    from nrrn_daemon.profiles import load_profile
+    from nrrn_daemon.profile_files import load_profile
 
     parent = tiny_parent(tmp_path / "parent.pt")
     noisy = fib_crop[1]
@@ -360,7 +360,7 @@ def test_a_repeat_scan_dataset_finetunes_on_scan_triplets(tmp_path: Path, fib25)
 
 def test_repeat_scan_jobs_follow_the_profile(tmp_path: Path) -> None:
     from nrrn_daemon.finetune_runner import job_for
-    from nrrn_daemon.profiles import load_profile
+    from nrrn_daemon.profile_files import load_profile
 
     def job(mode: str, scans: int) -> FinetuneJob:
         overrides = {"grouping.mode": mode, "grouping.scans_per_slice": scans,

@@ -14,7 +14,7 @@ from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.errors import ProfileError
 from nrrn_daemon.microscope import Microscope
 from nrrn_daemon.omezarr import OmeZarrVolume
-from nrrn_daemon.profiles import load_profile
+from nrrn_daemon.profile_files import load_profile
 from nrrn_daemon.provenance import Store
 
 NAME = "slice_{:04d}.tif"

@@ -35,7 +35,7 @@ from nrrn_daemon.devices import DeviceInfo, cpu_bf16_features, resolve_device
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.noise import PROTOCOL_LEVELS, noisy_stack
 from nrrn_daemon.nrrn import NRRN, NRRNConfig, feedback, noise_attention
-from nrrn_daemon.profiles import load_profile
+from nrrn_daemon.profile_files import load_profile
 from nrrn_daemon.provenance import Store
 from nrrn_daemon.training import TrainSettings, train
 

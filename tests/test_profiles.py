@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from nrrn_daemon.errors import InputError, ProfileError
-from nrrn_daemon.profiles import (
+from nrrn_daemon.profile_files import (
     BUNDLED_PROFILES,
-    Profile,
     list_profiles,
     load_profile,
     profile_field_docs,
     profile_search_path,
 )
+from nrrn_daemon.profiles import Profile
 
 SHIPPED = ["atlas", "demo", "generic", "helios"]
 

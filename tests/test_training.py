@@ -1,5 +1,8 @@
-"""Training: the eq. 3 loss, the network's modes and gradients, sampling, validation blocks, and a
-tiny NRRN really learning to denoise real FIB-SEM data on the CPU."""
+"""Training: the eq. 3 loss, the network's modes and gradients, training runs (budgets, resume,
+validation curves), and a tiny NRRN really learning to denoise real FIB-SEM data on the CPU.
+
+Data preparation and sampling are tested in ``test_training_data.py``, held-out blocks and the
+validation loss in ``test_validation.py``."""
 
 from __future__ import annotations
 
@@ -9,23 +12,14 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from conftest import noisy_test_stack
 
-from nrrn_daemon.checkpoints import Normalisation, slice_stats
 from nrrn_daemon.denoise import Denoiser
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.metrics import psnr
 from nrrn_daemon.nrrn import NRRN, NRRNConfig, n2n_loss
 from nrrn_daemon.stacks import read_stack
-from nrrn_daemon.training import (
-    TrainSettings,
-    _prepare,
-    _Sampler,
-    train,
-    validation_blocks,
-    validation_loss,
-)
+from nrrn_daemon.training import TrainSettings, train
 
 TINY = NRRNConfig(blocks=1, features=4)
 
@@ -34,14 +28,6 @@ def _gaussian(clean: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     """Gaussian noise on the 0–255 scale (the EPFL protocol), rounded and clipped to uint8."""
     noisy = clean + np.random.default_rng(seed).normal(0.0, sigma, clean.shape)
     return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
-
-
-def _noisy_stack(rng_seed: int = 0, n: int = 6, size: int = 40) -> np.ndarray:
-    rng = np.random.default_rng(rng_seed)
-    yy, xx = np.mgrid[:size, :size]
-    clean = 100 + 60 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
-    stack = clean[None] + rng.normal(0, 20, (n, size, size))
-    return np.clip(stack, 0, 255).astype(np.uint8)
 
 
 # -- the loss and the network -------------------------------------------------------------------
@@ -92,68 +78,10 @@ def test_centre_stem_runs_once_per_triplet_batch() -> None:
     torch.testing.assert_close(out_next, model.branches(centre, [nxt])[0])
 
 
-# -- validation blocks and sampling ---------------------------------------------------------------
-@given(n=st.integers(3, 400), fraction=st.floats(0.01, 0.5))
-def test_validation_blocks_never_leak_into_training_triplets(n: int, fraction: float) -> None:
-    held = validation_blocks(n, fraction)
-    assert held == sorted(set(held)) and all(0 <= i < n for i in held)
-    assert len(held) >= min(n, max(3, int(fraction * n)))
-    runs = np.split(np.array(held), np.where(np.diff(held) != 1)[0] + 1)
-    assert all(len(r) >= 3 for r in runs)  # every block holds at least one whole triplet
-
-
-def test_training_and_validation_triplets_are_disjoint() -> None:
-    stack = _noisy_stack(n=40, size=32)
-    (src,) = _prepare([stack], TrainSettings(steps=1, validation_fraction=0.2))
-    train_slices = {i for t in src.train for i in t}
-    val_slices = {i for t in src.val for i in t}
-    assert src.val and train_slices.isdisjoint(val_slices)
-    assert src.info["validation_slices"] and src.info["train_triplets"] == len(src.train)
-    (src,) = _prepare([stack], TrainSettings(steps=1, validation_slices=(10, 11, 12)))
-    assert src.val == [(10, 11, 12)]
-    assert all({10, 11, 12}.isdisjoint(t) for t in src.train) and (8, 9, 10) not in src.train
-    with pytest.raises(InputError, match="outside"):
-        _prepare([stack], TrainSettings(steps=1, validation_slices=(40,)))
-
-
-def test_slice_mode_uses_the_whole_centre_slice_stats_like_the_denoiser() -> None:
-    stack = (_noisy_stack(n=5, size=48).astype(np.uint16) * 200).astype(np.uint16)
-    (src,) = _prepare([stack], TrainSettings(steps=1, validation_fraction=0))
-    sampler = _Sampler([src], Normalisation("slice", 0.0, 1.0), 16, augment=False, noise=None)
-    sample = sampler.sample(np.random.default_rng(4))
-    # Find which triplet/crop was drawn and redo the normalisation by hand.
-    for j in range(1, 4):
-        mean, std = slice_stats(stack[j])
-        assert Normalisation("slice").stats_for(stack[j]) == (mean, std)
-        for y in range(48 - 16 + 1):
-            for x in range(48 - 16 + 1):
-                crop = stack[j - 1 : j + 2, y : y + 16, x : x + 16].astype(np.float32)
-                if np.allclose(sample, (crop - mean) / std, atol=1e-5):
-                    return
-    pytest.fail("the sample is not a triplet crop normalised with its centre slice's stats")
-
-
-def test_noise_hook_sees_whole_triplets_and_augmentation_is_shared() -> None:
-    stack = np.repeat(_noisy_stack(n=1, size=32), 4, axis=0)  # identical slices
-    (src,) = _prepare([stack], TrainSettings(steps=1, validation_fraction=0))
-    calls: list[tuple[int, ...]] = []
-
-    def hook(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        calls.append(image.shape)
-        return image
-
-    sampler = _Sampler([src], Normalisation("dataset", 100, 30), 16, augment=True, noise=hook)
-    for seed in range(6):
-        sample = sampler.sample(np.random.default_rng(seed))
-        # Same transform on all three: identical slices stay identical after augmentation.
-        assert np.array_equal(sample[0], sample[1]) and np.array_equal(sample[1], sample[2])
-    assert calls == [(3, 32, 32)] * 6  # one call per triplet; small slices: the whole slice
-
-
 # -- training runs --------------------------------------------------------------------------------
 def test_two_slice_stack_is_refused_clearly(tmp_path: Path) -> None:
     path = tmp_path / "two.tif"
-    tifffile.imwrite(path, _noisy_stack(n=2, size=32))
+    tifffile.imwrite(path, noisy_test_stack(n=2, size=32))
     with pytest.raises(InputError, match="need at least 3 adjacent slices to train") as info:
         train([read_stack([path])], TrainSettings(steps=1, device="cpu"), TINY)
     assert f"{path} has 2" in str(info.value)
@@ -163,7 +91,7 @@ def test_mismatched_shapes_and_dtypes_are_refused() -> None:
     slices = [np.zeros((32, 32), np.uint8)] * 2 + [np.zeros((32, 30), np.uint8)]
     with pytest.raises(InputError, match="same size"):
         train([slices], TrainSettings(steps=1, device="cpu", validation_fraction=0), TINY)
-    mixed = [_noisy_stack(n=5), _noisy_stack(n=5).astype(np.uint16)]
+    mixed = [noisy_test_stack(n=5), noisy_test_stack(n=5).astype(np.uint16)]
     with pytest.raises(InputError, match="mix dtypes"):
         train(mixed, TrainSettings(steps=1, device="cpu", validation_fraction=0), TINY)
     with pytest.raises(ValueError, match="budget"):
@@ -171,7 +99,7 @@ def test_mismatched_shapes_and_dtypes_are_refused() -> None:
 
 
 def test_repeat_scan_mode_trains_and_needs_three_scans() -> None:
-    scans = _noisy_stack(n=12, size=32)  # 4 slices × 3 scans
+    scans = noisy_test_stack(n=12, size=32)  # 4 slices × 3 scans
     settings = TrainSettings(
         steps=3,
         batch=2,
@@ -192,7 +120,7 @@ def test_repeat_scan_mode_trains_and_needs_three_scans() -> None:
 
 
 def test_minutes_budget_uint16_and_progress() -> None:
-    stack = _noisy_stack(n=8, size=32).astype(np.uint16) * 250
+    stack = noisy_test_stack(n=8, size=32).astype(np.uint16) * 250
     seen: list[tuple[int, int | None]] = []
     settings = TrainSettings(
         minutes=0.02, patch=24, batch=2, device="cpu", normalisation="slice", validation_fraction=0
@@ -207,7 +135,7 @@ def test_minutes_budget_uint16_and_progress() -> None:
 
 
 def test_resume_continues_from_the_parent() -> None:
-    stack = _noisy_stack(n=12, size=40)
+    stack = noisy_test_stack(n=12, size=40)
     settings = TrainSettings(
         steps=4, batch=2, patch=24, device="cpu", validation_fraction=0.25, validation_every=2
     )
@@ -226,7 +154,7 @@ def test_resume_continues_from_the_parent() -> None:
 
 def test_validation_every_seconds_marks_wall_time() -> None:
     """Time-based validation (benchmarks compare runs of different speeds at equal times)."""
-    stack = _noisy_stack(n=12, size=40)
+    stack = noisy_test_stack(n=12, size=40)
     settings = TrainSettings(
         steps=6, batch=2, patch=24, device="cpu", validation_fraction=0.25,
         validation_every_s=1e-4,
@@ -236,17 +164,6 @@ def test_validation_every_seconds_marks_wall_time() -> None:
     assert steps == list(range(7)), "every step ends past a mark: validated after each"
     assert len(report.val_seconds) == len(report.val_curve)
     assert report.val_seconds == sorted(report.val_seconds) and report.val_seconds[0] >= 0
-
-
-def test_validation_loss_is_deterministic_and_scales_to_grey_levels() -> None:
-    stack = _noisy_stack(n=3, size=40)
-    triplets = [(stack[0], stack[1], stack[2])]
-    model = NRRN(1, 4)
-    norm = Normalisation("dataset", 100.0, 20.0)
-    a = validation_loss(model, triplets, norm, patch=32, crops=3, seed=5)
-    assert a == validation_loss(model, triplets, norm, patch=32, crops=3, seed=5)
-    grey = validation_loss(model, triplets, norm, patch=32, crops=3, seed=5, grey_levels=True)
-    assert grey == pytest.approx(a * 400.0, rel=1e-5)
 
 
 def test_tiny_nrrn_learns_to_denoise_real_fib25(fib25: np.ndarray) -> None:
