@@ -66,21 +66,34 @@ class OutputRecord:
     """The model that made it (the daemon may have switched models since)."""
 
 
-def describe(work: Work, model: ModelInfo, denoiser: Denoiser, settings: dict[str, Any]) -> str:
-    """The ImageDescription written into an output: what was done, by what, from which files."""
+def description(
+    *, mode: str, centre: str, neighbours: list[str], model_label: str, model_sha256: str,
+    device: str, settings: dict[str, Any], via: str = "",
+) -> str:  # fmt: skip
+    """An output's ImageDescription: what was done, by what, from which files (no time stamps:
+    the same inputs and model give the same bytes)."""
     return json.dumps(
         {
             "software": f"nrrn-daemon {__version__}",
-            "what": "NRRN denoised slice (unsupervised, adjacent-slice Noise2Noise)",
-            "mode": work.mode,
-            "centre": work.centre.name,
-            "neighbours": [n.name for n in work.neighbours],
-            "model": {"label": model.label, "sha256": model.sha256},
-            "device": denoiser.device,
+            "what": f"NRRN denoised slice (unsupervised, adjacent-slice Noise2Noise{via})",
+            "mode": mode,
+            "centre": centre,
+            "neighbours": neighbours,
+            "model": {"label": model_label, "sha256": model_sha256},
+            "device": device,
             "settings": settings,
         },
         sort_keys=True,
     )
+
+
+def describe(work: Work, model: ModelInfo, denoiser: Denoiser, settings: dict[str, Any]) -> str:
+    """The ImageDescription of a daemon output (see :func:`description`)."""
+    return description(
+        mode=work.mode, centre=work.centre.name, neighbours=[n.name for n in work.neighbours],
+        model_label=model.label, model_sha256=model.sha256, device=denoiser.device,
+        settings=settings,
+    )  # fmt: skip
 
 
 @dataclass

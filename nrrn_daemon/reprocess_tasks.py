@@ -19,7 +19,6 @@ of torch threads of CPU workers.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections import OrderedDict
@@ -30,13 +29,13 @@ from typing import Any
 import numpy as np
 from distributed import WorkerPlugin, get_worker
 
-from . import __version__
 from .checkpoints import load_checkpoint
 from .denoise import Denoiser
 from .errors import CheckpointError, NRRNError
 from .imageio import SliceImage, decode_page, open_tiff, read_slice, sha256_file
 from .imageio import write_slice_atomic as write_tiff
 from .omezarr import OmeZarrVolume
+from .outputs import description
 
 PLUGIN_NAME = "nrrn-model-cache"
 KEEP_MODELS = 2
@@ -250,19 +249,11 @@ def process_slice(
 
 def describe(task: SliceTask, job: JobSpec, denoiser: Denoiser) -> str:
     """The output TIFF's ImageDescription (no time stamps: the same run writes the same bytes)."""
-    return json.dumps(
-        {
-            "software": f"nrrn-daemon {__version__}",
-            "what": "NRRN denoised slice (unsupervised, adjacent-slice Noise2Noise; reprocess)",
-            "mode": task.mode,
-            "centre": task.centre.name,
-            "neighbours": [n.name for n in task.neighbours],
-            "model": {"label": job.model_label, "sha256": job.checkpoint_sha256},
-            "device": denoiser.device,
-            "settings": {"tile": denoiser.tile, "databar": job.databar},
-        },
-        sort_keys=True,
-    )
+    return description(
+        mode=task.mode, centre=task.centre.name, neighbours=[n.name for n in task.neighbours],
+        model_label=job.model_label, model_sha256=job.checkpoint_sha256, device=denoiser.device,
+        settings={"tile": denoiser.tile, "databar": job.databar}, via="; reprocess",
+    )  # fmt: skip
 
 
 def _read(source: SliceSource, job: JobSpec) -> tuple[SliceImage | np.ndarray, str]:

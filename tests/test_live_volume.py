@@ -8,34 +8,20 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from test_daemon import make_profile
 from test_omezarr import zarr_io_threads  # noqa: F401  (autouse)
 
 from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.errors import ProfileError
 from nrrn_daemon.microscope import Microscope
 from nrrn_daemon.omezarr import OmeZarrVolume
-from nrrn_daemon.profile_files import load_profile
 from nrrn_daemon.provenance import Store
 
 NAME = "slice_{:04d}.tif"
 
 
 def profile_for(tmp_path: Path, ckpt: Path, **extra: object):
-    overrides = {
-        "watch.folder": str(tmp_path / "raw"),
-        "output.folder": str(tmp_path / "out"),
-        "store.database": str(tmp_path / "state" / "db.sqlite"),
-        "model.checkpoint": str(ckpt),
-        "model.device": "cpu",
-        "model.tile": 64,
-        "watch.settle_s": 0.2,
-        "watch.glob": "slice_*.tif",
-        "watch.index_regex": r"slice_(?P<index>\d+)\.tif$",
-        "grouping.neighbour_wait_s": 30.0,
-        **extra,
-    }
-    (tmp_path / "raw").mkdir(parents=True, exist_ok=True)
-    return load_profile("demo", overrides=overrides)
+    return make_profile(tmp_path, ckpt, **{"grouping.neighbour_wait_s": 30.0, **extra})
 
 
 @pytest.fixture
