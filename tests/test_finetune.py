@@ -26,15 +26,14 @@ from nrrn_daemon.finetune import (
     FinetuneJob,
     begin,
     held_out_triplets,
-    judge,
     raw_runs,
     record_result,
-    residual_structure,
     run_finetune,
 )
 from nrrn_daemon.finetune_runner import request_file
 from nrrn_daemon.metrics import psnr
 from nrrn_daemon.noise import noisy_stack
+from nrrn_daemon.promotion import judge, residual_structure
 from nrrn_daemon.provenance import Store
 from nrrn_daemon.validation import validation_blocks
 
