@@ -207,7 +207,7 @@ def run_daemon(
                     daemon.request_stop("benchmark complete")
 
         daemon = Daemon(profile, store, on_event=on_event, overlap=overlap)
-        daemon.denoiser = build_denoiser(model, ckpt, args.tile)
+        daemon.serving.denoiser = build_denoiser(model, ckpt, args.tile)
         started: list[float] = []
 
         def microscope() -> None:

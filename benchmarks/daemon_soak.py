@@ -136,7 +136,7 @@ def main() -> None:
 
         daemon = Daemon(profile, store, on_event=on_event)
         if stand_in:
-            daemon.denoiser = build_denoiser(args.model, Path(checkpoint), args.tile)
+            daemon.serving.denoiser = build_denoiser(args.model, Path(checkpoint), args.tile)
 
         def play() -> None:  # the microscope writes ahead of the daemon, a few slices at a time
             for k in range(args.slices):

@@ -84,11 +84,11 @@ def finetune(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Fine-tune a data set's model once, by hand; promote it if it passes the gate."""
-    from .daemon import resolve_checkpoint
     from .finetune import begin, failed_result, record_result, run_finetune
     from .finetune_runner import job_for, pid_alive, request_file
     from .profile_files import load_profile
     from .provenance import Store
+    from .serving import resolve_checkpoint
 
     overrides = {"store.database": str(db)} if db is not None else None
     prof = load_profile(profile, overrides=overrides)

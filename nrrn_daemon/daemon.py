@@ -44,7 +44,6 @@ from typing import Any
 
 from . import __version__
 from .arrivals import Arrivals
-from .checkpoints import BASE_CHECKPOINT, Checkpoint, load_checkpoint
 from .denoise import Denoiser
 from .errors import Abandoned, InputError, NRRNError, OutputError
 from .finetune_runner import FinetuneRunner
@@ -54,9 +53,10 @@ from .pipeline import CACHE_SLICES, MAX_AHEAD, Done, Job, Pipeline
 from .profiles import Profile
 from .provenance import Store
 from .recording import record_unit
+from .serving import Serving
 from .slicecache import SliceCache, read_unhashed
 from .slices import SliceRef
-from .states import ModelKind, OutputReason, SliceState
+from .states import OutputReason, SliceState
 from .triplets import TripletGrouper, Work
 from .watch import Watcher
 
@@ -86,19 +86,6 @@ class LiveState:
     retries: int = 0
     folder_error: str | None = None
     recent_failures: deque[str] = field(default_factory=lambda: deque(maxlen=5))
-
-
-def resolve_checkpoint(profile: Profile, store: Store, dataset_id: int) -> tuple[Path, Checkpoint]:
-    """The checkpoint the profile asks for: ``base``, ``dataset`` (its promoted model) or a path."""
-    choice = profile.model.checkpoint
-    if choice == "base":
-        path = BASE_CHECKPOINT
-    elif choice == "dataset":
-        current = store.current_model_path(dataset_id)
-        path = Path(current) if current else BASE_CHECKPOINT
-    else:
-        path = Path(choice).expanduser()
-    return path, load_checkpoint(path)
 
 
 class Daemon:
@@ -142,7 +129,6 @@ class Daemon:
         self._stale: deque[str] = deque()  # slices to re-denoise with a new model, newest first
         self._arrived: deque[Path] = deque()  # complete files not taken in yet (paths only)
         self._run_id: int | None = None
-        self._serving_lock = threading.Lock()  # the model thread reads denoiser + model together
         self.dataset_name = str(self.watch_folder)
         self.dataset_id = store.ensure_dataset(
             name=self.dataset_name,
@@ -153,31 +139,7 @@ class Daemon:
             profile, store, self.dataset_id, self.dataset_name,
             trigger=finetune_trigger, on_event=self.on_event,
         )  # fmt: skip
-        ckpt_path, ckpt = resolve_checkpoint(profile, store, self.dataset_id)
-        self.denoiser = Denoiser(
-            ckpt,
-            device=profile.model.device,
-            tile=profile.model.tile,
-            tile_batch=profile.model.tile_batch,
-            precision=profile.model.precision,
-            compile=profile.model.compile,
-        )
-        model_id = store.ensure_model(
-            sha256=ckpt.content_sha256,
-            path=str(ckpt_path),
-            label=ckpt.summary.get("label")
-            or f"{'base' if ckpt_path == BASE_CHECKPOINT else 'model'}-{ckpt.short_sha}",
-            kind=ModelKind.BASE if ckpt_path == BASE_CHECKPOINT else ModelKind.FINETUNED,
-            config=ckpt.config.to_dict(),
-            parent_sha256=ckpt.summary.get("parent_sha256"),
-            dataset_id=None if ckpt_path == BASE_CHECKPOINT else self.dataset_id,
-        )
-        self.model = ModelInfo(
-            label=store.model_label(model_id),
-            sha256=ckpt.content_sha256,
-            path=str(ckpt_path),
-            store_id=model_id,
-        )
+        self.serving = Serving(profile, store, self.dataset_id)
         zarr = profile.output.zarr_path
         self.live_zarr = LiveZarr(zarr, name=self.watch_folder.name) if zarr else None
         image = profile.image
@@ -186,7 +148,7 @@ class Daemon:
             load=self.cache.load
             if overlap
             else partial(read_unhashed, databar=image.databar, databar_rows=image.databar_rows),
-            serving=self._serving,
+            serving=self.serving.get,
             output_folder=self.output_folder,
             databar=image.databar,
             databar_rows=image.databar_rows,
@@ -415,34 +377,15 @@ class Daemon:
 
     def _sync_model(self) -> None:
         """With ``model.checkpoint = "dataset"``, denoise with the data set's current model."""
-        if self.profile.model.checkpoint != "dataset":
-            return
-        current = self.store.current_model_path(self.dataset_id) or str(BASE_CHECKPOINT)
-        if current == self.model.path:
+        current = self.serving.current_path()
+        if current is None or current == self.model.path:
             return
         try:
-            ckpt = load_checkpoint(Path(current))
+            self.serving.switch(current)
         except NRRNError as exc:
             log.error("cannot switch to the data set's current model: %s", exc)
             return
-        denoiser = Denoiser(
-            ckpt, device=self.profile.model.device, tile=self.profile.model.tile,
-            tile_batch=self.profile.model.tile_batch, precision=self.profile.model.precision,
-            compile=self.profile.model.compile,
-        )  # fmt: skip
-        model_id = self.store.current_model_id(self.dataset_id)
-        if model_id is None:  # rolled back to the base checkpoint
-            model_id = self.store.ensure_model(
-                sha256=ckpt.content_sha256, path=current, label=f"base-{ckpt.short_sha}",
-                kind=ModelKind.BASE, config=ckpt.config.to_dict(),
-            )  # fmt: skip
-        with self._serving_lock:  # units that start from now on use the new model
-            self.denoiser = denoiser
-            self.model = ModelInfo(
-                label=self.store.model_label(model_id), sha256=ckpt.content_sha256,
-                path=current, store_id=model_id,
-            )  # fmt: skip
-        self._stale = deque(self.store.stale_outputs(self.dataset_id, model_id))
+        self._stale = deque(self.store.stale_outputs(self.dataset_id, self.model.store_id))
         log.info(
             "now denoising with model %s; re-denoising %d earlier slices in the background",
             self.model.label,
@@ -450,10 +393,15 @@ class Daemon:
         )
         self.on_event("model", {"label": self.model.label})
 
-    def _serving(self) -> tuple[Denoiser, ModelInfo]:
-        """The model in service and its provenance name, read together (by the model thread)."""
-        with self._serving_lock:
-            return self.denoiser, self.model
+    @property
+    def denoiser(self) -> Denoiser:
+        """The Denoiser in service."""
+        return self.serving.denoiser
+
+    @property
+    def model(self) -> ModelInfo:
+        """The model in service, as provenance names it."""
+        return self.serving.model
 
     # -- start-up and heartbeat ------------------------------------------------------------
     def _recover(self) -> None:
