@@ -26,6 +26,7 @@ from sqlalchemy import func, select, update
 
 from nrrn_daemon import __version__
 from nrrn_daemon.states import STALE_AFTER_S, InputRole, OutputMode, OutputReason, SliceState
+from nrrn_daemon.store_lineage import provenance_report
 from nrrn_daemon.store_models import (
     SCHEMA_VERSION,
     Dataset,
@@ -35,7 +36,7 @@ from nrrn_daemon.store_models import (
     Slice,
     SliceInfo,
 )
-from nrrn_daemon.store_queries import provenance_report, status_report
+from nrrn_daemon.store_queries import status_report
 from nrrn_daemon.store_versions import ModelVersions
 
 __all__ = ["SCHEMA_VERSION", "SliceInfo", "Store"]
@@ -340,7 +341,7 @@ class Store(ModelVersions):
     def provenance(self, path_or_name: str) -> dict[str, Any]:
         """How the output(s) for an output path, input path or bare file name were made.
 
-        See :func:`nrrn_daemon.store_queries.provenance_report` for the keys.
+        See :func:`nrrn_daemon.store_lineage.provenance_report` for the keys.
         """
         with self._unit("read provenance", write=False) as session:
             return provenance_report(session, path_or_name, where=str(self.path))
