@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -54,6 +53,7 @@ import torch
 from nrrn_daemon.checkpoints import Checkpoint, Normalisation, load_checkpoint, save_checkpoint
 from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.denoise import Denoiser
+from nrrn_daemon.devices import cpu_model
 from nrrn_daemon.errors import Abandoned
 from nrrn_daemon.microscope import encode_tiff
 from nrrn_daemon.nrrn import NRRN
@@ -201,7 +201,7 @@ def run_daemon(
             if kind == "output":
                 done_at.append(time.perf_counter())
                 if len(done_at) in (n // 10, n // 2, n):
-                    rss[len(done_at)] = _rss_mib()
+                    rss[len(done_at)] = rss_mib()
                 if len(done_at) >= n:
                     finished.set()
                     daemon.request_stop("benchmark complete")
@@ -241,18 +241,11 @@ def run_daemon(
     }
 
 
-def _rss_mib() -> float:
+def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
@@ -295,7 +288,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(
-        f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); {n} slices of {h}×{w} uint8, model {args.model}, "
         f"{args.rounds} round(s); load average before: {load_before}"
     )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 import threading
@@ -33,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from daemon_overhead import build_denoiser, make_checkpoint
+from daemon_overhead import build_denoiser, make_checkpoint, rss_mib
 
 from nrrn_daemon.daemon import Daemon
+from nrrn_daemon.devices import cpu_model
 from nrrn_daemon.microscope import encode_tiff
 from nrrn_daemon.noise import noisy_stack
 from nrrn_daemon.phantom import make_phantom
@@ -43,20 +43,6 @@ from nrrn_daemon.profile_files import load_profile
 from nrrn_daemon.provenance import Store
 
 NAME = "SEM Image - SliceImage - {:05d}.tif"  # the demo profile's naming
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def stage(folder: Path, shape: tuple[int, int], distinct: int) -> list[Path]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nrrn_daemon.devices import cpu_model
 from nrrn_daemon.microscope import encode_tiff
 from nrrn_daemon.watch import Watcher
 
@@ -183,13 +184,6 @@ def per_operation_ms(folder: Path, repeat: int = 20) -> dict[str, float]:
             operation(k)
         result[label] = 1000.0 * (time.process_time() - t0) / repeat
     return result
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
