@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoints import BASE_CHECKPOINT, Checkpoint, load_checkpoint
+from .checkpoints import BASE_CHECKPOINT, load_checkpoint
 from .errors import InputError, NRRNError, OutputError, StoreError
 from .imageio import check_grey, open_tiff, read_slice, safe_join
 from .omezarr import OmeZarrVolume
@@ -32,8 +32,9 @@ from .profile_files import load_profile
 from .profiles import Profile
 from .provenance import SliceInfo, Store
 from .reprocess_tasks import JobSpec, SliceSource, SliceTask
+from .serving import record_model
 from .stacks import _LAST_INT, _folder_slices, read_stack
-from .states import InputRole, ModelKind, SliceState
+from .states import InputRole, SliceState
 from .voxels import VoxelSize, voxel_size_from_tiff
 
 log = logging.getLogger("nrrn_daemon")
@@ -136,7 +137,7 @@ def plan_reprocess(
         name=name, watch_folder=str(source),
         profile_name=known["profile_name"] if known else (profile.name if profile else REASON),
     )  # fmt: skip
-    model_id = _record_model(store, ckpt_path, ckpt, dataset_id)
+    model_id = record_model(store, ckpt_path, ckpt, dataset_id)
     job = JobSpec(
         checkpoint=str(ckpt_path), checkpoint_sha256=ckpt.content_sha256,
         model_label=store.model_label(model_id),
@@ -276,18 +277,6 @@ def _find_checkpoint(store: Store, dataset_id: int | None, model: str | None) ->
             raise StoreError(f"{exc} — or give a checkpoint file") from None
         path = Path(store.model_path(found))
     return path.expanduser().absolute()
-
-
-def _record_model(store: Store, path: Path, ckpt: Checkpoint, dataset_id: int) -> int:
-    """The model's id in the store, recording it (as the daemon would name it) when new."""
-    base = path.resolve() == BASE_CHECKPOINT.resolve()
-    return store.ensure_model(
-        sha256=ckpt.content_sha256, path=str(path),
-        label=ckpt.summary.get("label") or f"{'base' if base else 'model'}-{ckpt.short_sha}",
-        kind=ModelKind.BASE if base else ModelKind.FINETUNED, config=ckpt.config.to_dict(),
-        parent_sha256=ckpt.summary.get("parent_sha256"),
-        dataset_id=None if base else dataset_id,
-    )  # fmt: skip
 
 
 def _is_done(

@@ -33,6 +33,19 @@ def resolve_checkpoint(profile: Profile, store: Store, dataset_id: int) -> tuple
     return path, load_checkpoint(path)
 
 
+def record_model(store: Store, path: Path, ckpt: Checkpoint, dataset_id: int) -> int:
+    """The checkpoint's id in the store, recording it when new: the shipped base checkpoint as
+    ``base-<sha12>``, any other as ``model-<sha12>`` of this data set (unless it names itself)."""
+    base = path.resolve() == BASE_CHECKPOINT.resolve()
+    return store.ensure_model(
+        sha256=ckpt.content_sha256, path=str(path),
+        label=ckpt.summary.get("label") or f"{'base' if base else 'model'}-{ckpt.short_sha}",
+        kind=ModelKind.BASE if base else ModelKind.FINETUNED, config=ckpt.config.to_dict(),
+        parent_sha256=ckpt.summary.get("parent_sha256"),
+        dataset_id=None if base else dataset_id,
+    )  # fmt: skip
+
+
 def denoiser_for(profile: Profile, ckpt: Checkpoint) -> Denoiser:
     """A Denoiser for ``ckpt`` with the profile's device, tiling, precision and compilation."""
     m = profile.model
@@ -55,14 +68,7 @@ class Serving:
         self.profile, self.store, self.dataset_id = profile, store, dataset_id
         self._lock = threading.Lock()
         path, ckpt = resolve_checkpoint(profile, store, dataset_id)
-        base = path == BASE_CHECKPOINT
-        model_id = store.ensure_model(
-            sha256=ckpt.content_sha256, path=str(path),
-            label=ckpt.summary.get("label") or f"{'base' if base else 'model'}-{ckpt.short_sha}",
-            kind=ModelKind.BASE if base else ModelKind.FINETUNED, config=ckpt.config.to_dict(),
-            parent_sha256=ckpt.summary.get("parent_sha256"),
-            dataset_id=None if base else dataset_id,
-        )  # fmt: skip
+        model_id = record_model(store, path, ckpt, dataset_id)
         self.denoiser = denoiser_for(profile, ckpt)
         self.model = ModelInfo(
             label=store.model_label(model_id), sha256=ckpt.content_sha256, path=str(path),
