@@ -17,7 +17,6 @@ Which metadata is kept, and as which bytes: see :mod:`nrrn_daemon.tiffmeta`.
 from __future__ import annotations
 
 import io
-import os  # noqa: F401 - kept as imageio.os, which callers' tests patch (os.replace...)
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager

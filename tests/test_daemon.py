@@ -15,7 +15,7 @@ import pytest
 import tifffile
 
 from nrrn_daemon import daemon as daemon_mod
-from nrrn_daemon import imageio
+from nrrn_daemon import files, imageio
 from nrrn_daemon.checkpoints import load_checkpoint
 from nrrn_daemon.daemon import Daemon
 from nrrn_daemon.microscope import Microscope, encode_tiff, write_slowly
@@ -259,7 +259,7 @@ def test_full_disk_keeps_the_slice_pending_and_retries(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(imageio.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     profile = make_profile(tmp_path, tiny_checkpoint)
     scope = Microscope(tmp_path / "raw", volume[:3], NAME, interval_s=0.0, chunks=1)
     scope.run()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from nrrn_daemon import imageio
+from nrrn_daemon import files
 from nrrn_daemon.errors import InputError, OutputError
 from nrrn_daemon.imageio import (
     read_slice,
@@ -315,11 +315,11 @@ def test_disk_full_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.Monke
     def full_disk(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(imageio.os, "fsync", full_disk)
+    monkeypatch.setattr(files.os, "fsync", full_disk)
     with pytest.raises(OutputError, match=r"cannot write .*o\.tif: disk full .*retried"):
         write_slice_atomic(out_dir / "o.tif", image, image.pixels, "x")
     monkeypatch.undo()
-    monkeypatch.setattr(imageio.os, "replace", full_disk)
+    monkeypatch.setattr(files.os, "replace", full_disk)
     with pytest.raises(OutputError, match="disk full"):
         write_stack(out_dir / "stack.tif", np.zeros((2, 3, 4), np.uint8))
     assert list(out_dir.iterdir()) == []
