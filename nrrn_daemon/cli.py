@@ -78,6 +78,12 @@ class CompileChoice(StrEnum):
     off = "off"
 
 
+class LossChoice(StrEnum):
+    auto = "auto"
+    plain = "plain"
+    eq3 = "eq3"
+
+
 PRECISION_HELP = "auto: bf16 where native (CUDA, CPUs with AVX512-BF16/AMX); float32 forces it."
 COMPILE_HELP = "torch.compile: auto (CUDA; CPU models ≥ 32 channels), on or off."
 
@@ -131,6 +137,13 @@ def train(
     compile: Annotated[
         CompileChoice, typer.Option(help=COMPILE_HELP + " auto: only for ≥ 5 min / 500 steps.")
     ] = CompileChoice.auto,
+    loss: Annotated[
+        LossChoice,
+        typer.Option(
+            help="eq3: the paper's; plain: eq. 3 without its last term. "
+            "auto: plain for adjacent slices, eq3 for --repeat-scans."
+        ),
+    ] = LossChoice.auto,
 ) -> None:
     """Train (or fine-tune with --init) an NRRN on noisy stacks, unsupervised."""
     from .checkpoints import load_checkpoint, save_checkpoint
@@ -156,6 +169,7 @@ def train(
         validation_fraction=validation,
         precision=precision.value,
         compile=compile.value,
+        loss=loss.value,
     )
     with progress_bar() as bar:
         task = bar.add_task("training", total=steps, info="")
@@ -178,7 +192,7 @@ def train(
     )
     console.print(
         f"wrote [bold]{out}[/] ({ckpt.short_sha}): {report.steps} steps in "
-        f"{report.seconds:.0f} s ({report.stopped_by}, {report.precision}"
+        f"{report.seconds:.0f} s ({report.stopped_by}, {report.loss} loss, {report.precision}"
         f"{', compiled' if report.compiled else ''}), {val}"
     )
 

@@ -285,8 +285,9 @@ def run_finetune(job: FinetuneJob) -> FinetuneResult:
     )
     triplets = held_out_triplets(stacks, job.validation_fraction, job.scans_per_slice)
     verdict = judge(
-        parent, ckpt, triplets, device=job.device, seed=job.seed, precision=job.precision
-    )
+        parent, ckpt, triplets, device=job.device, seed=job.seed, precision=job.precision,
+        loss=report.loss,
+    )  # fmt: skip
     out = Path(job.models_dir) / slug(job.dataset)
     out.mkdir(parents=True, exist_ok=True)
     path = save_checkpoint(ckpt, out / f"{ckpt.content_sha256[:12]}.pt")

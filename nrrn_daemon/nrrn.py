@@ -314,12 +314,40 @@ def n2n_loss(out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor) ->
 
     ``out_prev`` = x'_j = f(x_{j−1}, x_j) is scored against x_{j+1}, the neighbour it did not
     see; ``out_next`` = x''_j = f(x_{j+1}, x_j) against x_{j−1}; the last term rewards the two
-    estimates for agreeing:
+    estimates for *differing*:
 
         ½‖x'_j − x_{j+1}‖² + ½‖x''_j − x_{j−1}‖² − ¼‖x'_j − x''_j‖²
+
+    Written with the mean m = ½(x' + x'') and half-difference d = ½(x' − x''), this is
+    ½‖m − x_{j+1}‖² + ½‖m − x_{j−1}‖² + ⟨d, x_{j−1} − x_{j+1}⟩: quadratic in m but only linear
+    in d. When the three images share one signal (repeat scans, the setting of Wu et al. whose
+    eq. 2 this is) the linear term averages to zero. Between adjacent slices it does not: it
+    pays each branch for extrapolating towards the neighbour it did not see (s_{j±1} − s_j),
+    which is why :func:`plain_loss` is the default for adjacent slices (see
+    :mod:`nrrn_daemon.training`).
     """
     return (
         0.5 * F.mse_loss(out_prev, next_)
         + 0.5 * F.mse_loss(out_next, prev)
         - 0.25 * F.mse_loss(out_prev, out_next)
     )
+
+
+def plain_loss(out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor) -> Tensor:
+    """Eq. 3 without its last term: plain Noise2Noise per branch (means over pixels and batch).
+
+        ½‖x'_j − x_{j+1}‖² + ½‖x''_j − x_{j−1}‖²
+
+    Each branch is still scored against the neighbour it did not see, whose noise is independent
+    of its inputs, so the expected loss is the loss against the clean neighbours plus the noise
+    variance: its minimiser predicts the neighbours' signal, with no reward for the two branches
+    to differ.
+    """
+    return 0.5 * F.mse_loss(out_prev, next_) + 0.5 * F.mse_loss(out_next, prev)
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
+    "eq3": n2n_loss,
+    "plain": plain_loss,
+}
+"""Training losses by name: ``eq3`` (the paper's) and ``plain`` (eq. 3 without its last term)."""

@@ -6,7 +6,8 @@ trained on); the fine-tune (:mod:`nrrn_daemon.finetune`) calls it and records it
 The rules, on the same validation triplets for both models:
 
 1. **N2N validation loss** in grey levels (``grey_levels=True``: the two models may normalise
-   differently), same crops and seed: the candidate must be strictly lower.
+   differently), same crops and seed, with the loss the candidate was trained on (``plain`` or
+   ``eq3``) for both: the candidate must be strictly lower.
 2. **Noise left** (no reference): median wavelet-MAD σ (:func:`~nrrn_daemon.metrics.estimate_noise`)
    of the denoised validation centres may not exceed the parent's by more than
    :data:`NOISE_TOLERANCE` (relative) — a candidate that denoises less is refused.
@@ -86,6 +87,7 @@ def judge(
     crops: int = 2,
     seed: int = 0,
     precision: str = "auto",
+    loss: str = "plain",
 ) -> Verdict:
     """Decide whether ``candidate`` replaces ``parent`` (see the module docstring for the rules).
 
@@ -97,6 +99,8 @@ def judge(
         Held-out ``(prev, centre, next)`` raw slices, never trained on.
     device, patch, crops, seed
         Where to run, and the validation crops (identical for both models).
+    loss
+        The validation loss (:data:`~nrrn_daemon.nrrn.LOSSES`): the candidate's training loss.
     precision
         Of the denoised check crops (the validation loss is always float32); not compiled:
         a few passes do not repay a compilation.
@@ -115,13 +119,13 @@ def judge(
     metrics: dict[str, dict[str, float]] = {}
     for name, ckpt in (("parent", parent), ("candidate", candidate)):
         den = Denoiser(ckpt, device=device, tile=None, precision=precision, compile="off")
-        loss = validation_loss(
+        val_loss = validation_loss(
             den.model, triplets, ckpt.normalisation, patch=patch, crops=crops, seed=seed,
-            grey_levels=True,
+            grey_levels=True, loss=loss,
         )  # fmt: skip
         outputs[name] = [den.denoise(c, [p, n]).astype(np.float64) for p, c, n in checks]
         metrics[name] = {
-            "val_loss": float(loss),
+            "val_loss": float(val_loss),
             "noise_sigma": float(np.median([estimate_noise(o) for o in outputs[name]])),
         }
     for name in ("parent", "candidate"):

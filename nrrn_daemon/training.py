@@ -9,6 +9,21 @@ validate, normalisation, augmentation, synthetic noise, the random crops — is 
 :mod:`nrrn_daemon.training_data`; the held-out blocks and the validation loss are in
 :mod:`nrrn_daemon.validation`.
 
+**The loss: eq. 3, or eq. 3 without its last term (``plain``, the default for adjacent
+slices).** Eq. 3 is Wu et al.'s loss for two noisy copies of *one* signal. Written with the mean
+m = ½(x' + x'') and half-difference d = ½(x' − x'') of the two branch outputs it is
+½‖m − x_{j+1}‖² + ½‖m − x_{j−1}‖² + ⟨d, x_{j−1} − x_{j+1}⟩: the last term is linear in d. For
+repeat scans (one signal) it averages to zero; between adjacent slices it averages to
+⟨d, s_{j−1} − s_{j+1}⟩ and pays each branch for extrapolating towards the neighbour it did not
+see — a sharpening along z that amplifies noise, and that dominates when the noise is light.
+Measured on FIB-25 (BENCHMARKS §1), fine-tuning the base checkpoint 300 steps on the held-out
+block: Gaussian σ 25 gives 25.40 dB with eq. 3 and 29.43 dB with ``plain`` (the base started at
+26.74); Poisson peak 4 gives 24.45 and 24.12 dB (base 23.85). So ``loss="auto"`` trains
+adjacent slices with ``plain`` (:func:`~nrrn_daemon.nrrn.plain_loss`: each branch still scored
+against the neighbour it did not see, the paper's Noise2Noise pairing) and repeat scans with
+eq. 3, where its derivation holds; either can be forced. Validation (and the promotion gate)
+uses the loss the model was trained with.
+
 Choices where the paper leaves room (measurements in the helper's report and ``scripts/``):
 
 * **Crops of 96 px, batch 8** (paper: 256 px, batch 16, on a GPU). A 4 BU × 32 step costs about
@@ -43,7 +58,7 @@ from . import acceleration
 from .checkpoints import Checkpoint, Normalisation, NormMode
 from .devices import PRECISIONS, DeviceInfo, resolve_device
 from .errors import NRRNError
-from .nrrn import NRRN, NRRNConfig, n2n_loss
+from .nrrn import LOSSES, NRRN, NRRNConfig
 from .training_data import (
     NoiseHook,
     Sampler,
@@ -58,6 +73,14 @@ ProgressCallback = Callable[[int, "int | None", float, float], None]
 """``on_progress(step, total_steps_or_None, loss, elapsed_s)``, called after every step."""
 
 CURVE_POINTS = 200
+LOSS_CHOICES = ("auto", *LOSSES)
+
+
+def loss_for(choice: str, repeat_scans: bool) -> str:
+    """The loss ``choice`` means: ``auto`` is ``eq3`` for repeat scans, else ``plain``."""
+    if choice == "auto":
+        return "eq3" if repeat_scans else "plain"
+    return choice
 
 
 @dataclass(frozen=True)
@@ -103,6 +126,10 @@ class TrainSettings:
     compile
         ``"auto"`` (on CUDA, and on the CPU for models ≥ 32 channels, when the budget is
         ≥ 5 minutes or ≥ 500 steps), ``"on"`` or ``"off"``.
+    loss
+        ``"eq3"`` (the paper's), ``"plain"`` (eq. 3 without its last term) or ``"auto"``:
+        ``plain`` for adjacent slices, ``eq3`` for repeat scans (see the module docstring).
+        The validation loss uses the same one.
     """
 
     steps: int | None = None
@@ -125,6 +152,7 @@ class TrainSettings:
     normalisation: NormMode = "dataset"
     precision: str = "auto"
     compile: str = "auto"
+    loss: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -133,6 +161,8 @@ class TrainSettings:
             raise ValueError(
                 f"compile must be one of {acceleration.COMPILE_CHOICES}, got {self.compile!r}"
             )
+        if self.loss not in LOSS_CHOICES:
+            raise ValueError(f"loss must be one of {LOSS_CHOICES}, got {self.loss!r}")
         if self.steps is None and self.minutes is None:
             raise ValueError("give a training budget: steps, minutes, or both")
         if self.steps is not None and self.steps < 1:
@@ -178,6 +208,7 @@ class TrainReport:
     val_triplets: int = 0
     precision: str = "float32"
     compiled: bool = False
+    loss: str = "eq3"
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -274,6 +305,8 @@ def train(
         minutes=settings.minutes, steps=settings.steps, training=True,
     )  # fmt: skip
     model = acceleration.prepare(model, device, wanted)
+    loss_name = loss_for(settings.loss, settings.repeat_scans)
+    loss_fn = LOSSES[loss_name]
     rng = np.random.default_rng(settings.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
 
@@ -287,6 +320,7 @@ def train(
             patch=settings.validation_patch,
             crops=settings.validation_crops,
             seed=settings.seed,
+            loss=loss_name,
         )
         model.train()
         return loss
@@ -319,7 +353,7 @@ def train(
         out_prev, out_next = acceleration.run_with_fallback(
             model, _branches, model, device, centre, prev, nxt
         )
-        loss = n2n_loss(out_prev, out_next, prev, nxt)
+        loss = loss_fn(out_prev, out_next, prev, nxt)
         if not math.isfinite(loss.item()):
             raise NRRNError(
                 f"training diverged at step {len(losses) + 1} (loss {float(loss)}) — lower the "
@@ -363,6 +397,7 @@ def train(
         val_triplets=len(val_triplets),
         precision=device.precision,
         compiled=model.compiled,
+        loss=loss_name,
     )
     summary = {
         "kind": "fine-tune" if init is not None else "train",

@@ -1,10 +1,10 @@
-"""Validation: which slices are held out of training, and a model's loss on them (eq. 3).
+"""Validation: which slices are held out of training, and a model's loss on them.
 
 Validation holds out blocks of consecutive slices: no training triplet contains a held-out slice,
 and only triplets wholly inside a block validate, so no slice is seen by both. The loss is the
-paper's Noise2Noise loss (eq. 3, :func:`~nrrn_daemon.nrrn.n2n_loss`) on fixed crops (fixed seed)
-of held-out triplets, always in float32 and eagerly, so runs at different precisions — and a
-parent and its fine-tuned child — are compared on equal terms. Used by
+training loss (eq. 3 or its ``plain`` form, :data:`~nrrn_daemon.nrrn.LOSSES`) on fixed crops
+(fixed seed) of held-out triplets, always in float32 and eagerly, so runs at different
+precisions — and a parent and its fine-tuned child — are compared on equal terms. Used by
 :func:`nrrn_daemon.training.train` for its curves and by :mod:`nrrn_daemon.finetune` to decide
 a promotion.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoints import Normalisation
-from .nrrn import NRRN, n2n_loss
+from .nrrn import LOSSES, NRRN
 
 Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
 """``(prev, centre, next)`` whole slices (or three scans of one slice)."""
@@ -55,8 +55,9 @@ def validation_loss(
     seed: int = 0,
     batch: int = 8,
     grey_levels: bool = False,
+    loss: str = "eq3",
 ) -> float:
-    """Mean eq. 3 loss of ``model`` on fixed crops of held-out triplets (deterministic).
+    """Mean training loss of ``model`` on fixed crops of held-out triplets (deterministic).
 
     The same ``triplets``, ``patch``, ``crops`` and ``seed`` give the same crops, so two models
     (a parent and a fine-tuned child) are compared on identical data.
@@ -73,6 +74,8 @@ def validation_loss(
     grey_levels
         Report the loss in squared grey levels instead of normalised units: needed to compare
         models whose normalisations differ (e.g. dataset mode measured on different data).
+    loss
+        Which loss of :data:`~nrrn_daemon.nrrn.LOSSES` (``eq3`` or ``plain``).
 
     Returns
     -------
@@ -81,6 +84,7 @@ def validation_loss(
     """
     if not triplets:
         return float("nan")
+    loss_fn = LOSSES[loss]
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     samples: list[tuple[np.ndarray, float]] = []
@@ -106,7 +110,7 @@ def validation_loss(
                 out_prev, out_next = model.branches(centre_t, [prev_t, next_t])
                 for k, (_, weight) in enumerate(chunk):
                     one = slice(k, k + 1)
-                    loss = n2n_loss(out_prev[one], out_next[one], prev_t[one], next_t[one])
-                    total += loss.item() * weight
+                    value = loss_fn(out_prev[one], out_next[one], prev_t[one], next_t[one])
+                    total += value.item() * weight
                     count += 1
     return total / count

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--loss", default="auto", help="auto (plain for adjacent slices), plain or eq3."
+    )
     parser.add_argument("--out", type=Path, default=ASSETS / "base.pt", help="Checkpoint to write.")
     args = parser.parse_args(argv)
 
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         normalisation="slice",
         validation_slices=tuple(range(TRAIN_END, VALIDATION_END)),
         validation_every=150,
+        loss=args.loss,
     )
     config = NRRNConfig(blocks=4, features=32)
     started = time.time()
