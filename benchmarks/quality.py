@@ -12,7 +12,11 @@ slice; slice z always gets the draw ``(seed, z)``), and every method denoises th
   ``--checkpoint``) in triplet mode: centre z with neighbours z−1 and z+1;
 * **NRRN fine-tuned** — the base checkpoint fine-tuned, unsupervised, on the noisy evaluation
   block itself (the product's per-data-set fine-tune: training sees only noisy slices, never a
-  clean one), for ``--finetune-minutes`` of wall clock on this machine, then used like the base.
+  clean one), for ``--finetune-minutes`` of wall clock on this machine, then used like the base;
+  once per loss in ``--finetune-losses`` (``plain``, the default for adjacent slices, and/or
+  ``eq3``, the paper's: see :mod:`nrrn_daemon.training`);
+* **NRRN previous base** (with ``--previous-checkpoint``) — another checkpoint scored beside the
+  base, for comparison only: it takes no part in the margin.
 
 Data split. The base checkpoint was trained on z < 170 and validated on z = 170–199
 (``scripts/train_base.py``); this benchmark only touches z ≥ 200 (refused otherwise). Evaluation
@@ -29,10 +33,11 @@ from :mod:`nrrn_daemon.metrics`, against the clean slice.
 BM3D costs seconds per 250² slice on a CPU: ``--bm3d-slices N`` evaluates it on N evenly spread
 eval slices only (0 = all). The margin of NRRN over BM3D is then computed on those same slices.
 
-Example (the run in ``benchmarks/quality-results.md``)::
+Example (the run in ``BENCHMARKS.md`` §1)::
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality.py --finetune-minutes 2 \\
-        --bm3d-slices 8 --json runs/quality.json --markdown runs/quality.md
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality.py --finetune-minutes 0 \\
+        --finetune-steps 300 --finetune-losses plain,eq3 --previous-checkpoint OLD.pt \\
+        --bm3d-slices 8 --json runs/quality3.json --markdown runs/quality3.md
 """
 
 from __future__ import annotations
@@ -65,7 +70,13 @@ HELD_OUT_FROM = 200
 """First slice the base checkpoint never saw (train z < 170, validation 170–199)."""
 TARGET_MARGIN_DB = 1.0
 """The goal: best NRRN at least this much PSNR above the best classical method."""
-NRRN_BASE, NRRN_FT = "nrrn-base", "nrrn-finetuned"
+NRRN_BASE, NRRN_FT, NRRN_PREVIOUS = "nrrn-base", "nrrn-finetuned", "nrrn-previous"
+LOSS_NAMES = {"plain": "plain", "eq3": "eq. 3"}
+
+
+def finetuned(loss: str) -> str:
+    """The result key of the fine-tune with ``loss``."""
+    return f"{NRRN_FT}-{loss}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,6 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-patch", type=int, default=96, help="Crop side (CLI default 96).")
     p.add_argument("--finetune-batch", type=int, default=8, help="Triplets per step.")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="Peak lr (CLI default 1e-3).")
+    p.add_argument("--finetune-losses", default="plain", help="Comma-separated: plain and/or eq3.")
+    p.add_argument(
+        "--previous-checkpoint", type=Path, default=None, help="Also score this one (no margin)."
+    )
     p.add_argument(
         "--bm3d-slices", type=int, default=8, help="Evaluate BM3D on N eval slices (0 = all)."
     )
@@ -108,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except Exception as exc:  # InputError with a clear message
             p.error(str(exc))
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.finetune_losses = [x.strip() for x in args.finetune_losses.split(",") if x.strip()]
+    if not args.finetune_losses or set(args.finetune_losses) - set(LOSS_NAMES):
+        p.error(f"--finetune-losses: choose from {', '.join(LOSS_NAMES)}")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -158,6 +176,7 @@ def run_level(
     args: argparse.Namespace,
     eval_zs: list[int],
     bm3d_zs: list[int],
+    previous: Checkpoint | None = None,
 ) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -188,17 +207,19 @@ def run_level(
         )
 
     tile = args.tile or None
-    t0 = time.perf_counter()
-    per_slice[NRRN_BASE] = nrrn_scores(base, noisy, volume, eval_zs, tile)
-    timings[f"{NRRN_BASE}_s"] = time.perf_counter() - t0
-    print(
-        f"  {NRRN_BASE:<14} {mean_of(per_slice[NRRN_BASE])['psnr']:.2f} dB  "
-        f"({timings[f'{NRRN_BASE}_s']:.0f} s)",
-        flush=True,
-    )
+    models = [(NRRN_BASE, base)] + ([(NRRN_PREVIOUS, previous)] if previous else [])
+    for key, ckpt in models:
+        t0 = time.perf_counter()
+        per_slice[key] = nrrn_scores(ckpt, noisy, volume, eval_zs, tile)
+        timings[f"{key}_s"] = time.perf_counter() - t0
+        print(
+            f"  {key:<14} {mean_of(per_slice[key])['psnr']:.2f} dB  ({timings[f'{key}_s']:.0f} s)",
+            flush=True,
+        )
 
-    finetune: dict[str, Any] | None = None
-    if args.finetune_minutes > 0 or args.finetune_steps:
+    finetune: dict[str, Any] = {}
+    for loss in args.finetune_losses if args.finetune_minutes > 0 or args.finetune_steps else []:
+        key = finetuned(loss)
         block = noisy[args.first : args.first + args.slices]
         settings = TrainSettings(
             steps=args.finetune_steps,
@@ -209,14 +230,15 @@ def run_level(
             seed=args.seed,
             device="cpu",
             validation_fraction=0.0,
+            loss=loss,
         )
         t0 = time.perf_counter()
         ckpt, report = train([block], settings, init=base)
-        timings["finetune_train_s"] = time.perf_counter() - t0
+        timings[f"{key}_train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        per_slice[NRRN_FT] = nrrn_scores(ckpt, noisy, volume, eval_zs, tile)
-        timings[f"{NRRN_FT}_s"] = time.perf_counter() - t0
-        finetune = {
+        per_slice[key] = nrrn_scores(ckpt, noisy, volume, eval_zs, tile)
+        timings[f"{key}_s"] = time.perf_counter() - t0
+        finetune[loss] = {
             "steps": report.steps,
             "seconds": report.seconds,
             "stopped_by": report.stopped_by,
@@ -225,9 +247,9 @@ def run_level(
             "loss_last": report.loss_curve[-1][1] if report.loss_curve else None,
         }
         print(
-            f"  {NRRN_FT:<14} {mean_of(per_slice[NRRN_FT])['psnr']:.2f} dB  "
+            f"  {key:<14} {mean_of(per_slice[key])['psnr']:.2f} dB  "
             f"({report.steps} steps in {report.seconds:.0f} s + "
-            f"{timings[f'{NRRN_FT}_s']:.0f} s inference)",
+            f"{timings[f'{key}_s']:.0f} s inference)",
             flush=True,
         )
 
@@ -253,7 +275,7 @@ def compare(
     methods: list[str],
 ) -> dict[str, Any]:
     """Best NRRN (by mean PSNR) minus each classical method, on the slices both were scored on."""
-    nrrn = [n for n in (NRRN_BASE, NRRN_FT) if n in per_slice]
+    nrrn = [n for n in per_slice if n == NRRN_BASE or n.startswith(NRRN_FT)]
     best_nrrn = max(nrrn, key=lambda n: means[n]["psnr"])
     diffs: dict[str, dict[str, float]] = {}
     for m in methods:
@@ -289,8 +311,10 @@ def budget(args: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     args = result["settings"]
     cols = ["noisy", *args["methods"], NRRN_BASE]
+    if args.get("previous_checkpoint"):
+        cols.append(NRRN_PREVIOUS)
     if any(lv["finetune"] for lv in result["levels"]):
-        cols.append(NRRN_FT)
+        cols += [finetuned(loss) for loss in args["finetune_losses"]]
     names = {
         "noisy": "noisy",
         "gauss-avg": "Gaussian (avg)",
@@ -298,7 +322,8 @@ def markdown(result: dict[str, Any]) -> str:
         "nlm-avg": "NLM (avg)",
         "bm3d": "BM3D" + (" †" if args["bm3d_slices"] else ""),
         NRRN_BASE: "NRRN base",
-        NRRN_FT: "NRRN fine-tuned",
+        NRRN_PREVIOUS: "NRRN previous base",
+        **{finetuned(k): f"NRRN fine-tuned ({v})" for k, v in LOSS_NAMES.items()},
     }
     lines = [
         "| level | " + " | ".join(names.get(c, c) for c in cols) + " | margin (dB) |",
@@ -327,7 +352,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"z = {ev['block'][0]}–{ev['block'][1]}); baselines tuned on z = {ev['tune_slice']} "
         "against its clean image (oracle tuning, favours the baselines).",
     ]
-    if args["bm3d_slices"]:
+    if args["bm3d_slices"] and "bm3d" in args["methods"]:
         notes.append(f"† BM3D evaluated on z = {', '.join(map(str, ev['bm3d_slices']))} only.")
     ft = [lv["finetune"] for lv in result["levels"] if lv["finetune"]]
     if ft:
@@ -336,11 +361,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{budget(args)} per level on the CPU, patch "
             f"{args['finetune_patch']}, batch {args['finetune_batch']}, "
             f"lr {args['finetune_lr']:g}, "
-            f"no validation; steps per level: "
+            f"no validation; steps per level and loss: "
             + ", ".join(
-                f"{lv['level']} {lv['finetune']['steps']}"
+                f"{lv['level']} {loss} {ft['steps']}"
                 for lv in result["levels"]
-                if lv["finetune"]
+                for loss, ft in lv["finetune"].items()
             )
             + "."
         )
@@ -380,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bm3d_zs = eval_zs
     base = load_checkpoint(args.checkpoint)
+    previous = load_checkpoint(args.previous_checkpoint) if args.previous_checkpoint else None
     print(
         f"checkpoint {args.checkpoint or 'base'} ({base.short_sha}); eval z = "
         f"{eval_zs[0]}–{eval_zs[-1]}, tuning z = {args.tune_slice}",
@@ -390,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.levels:
         print(f"{spec}:", flush=True)
         t0 = time.perf_counter()
-        lv = run_level(spec, volume, base, args, eval_zs, bm3d_zs)
+        lv = run_level(spec, volume, base, args, eval_zs, bm3d_zs, previous)
         lv["timings_s"]["level_s"] = time.perf_counter() - t0
         levels.append(lv)
 
