@@ -10,19 +10,17 @@ validate, normalisation, augmentation, synthetic noise, the random crops — is 
 :mod:`nrrn_daemon.validation`.
 
 **The loss: eq. 3, or eq. 3 without its last term (``plain``, the default for adjacent
-slices).** Eq. 3 is Wu et al.'s loss for two noisy copies of *one* signal. Written with the mean
-m = ½(x' + x'') and half-difference d = ½(x' − x'') of the two branch outputs it is
-½‖m − x_{j+1}‖² + ½‖m − x_{j−1}‖² + ⟨d, x_{j−1} − x_{j+1}⟩: the last term is linear in d. For
-repeat scans (one signal) it averages to zero; between adjacent slices it averages to
-⟨d, s_{j−1} − s_{j+1}⟩ and pays each branch for extrapolating towards the neighbour it did not
-see — a sharpening along z that amplifies noise, and that dominates when the noise is light.
-Measured on FIB-25 (BENCHMARKS §1), fine-tuning the base checkpoint 300 steps on the held-out
-block: Gaussian σ 25 gives 25.40 dB with eq. 3 and 29.43 dB with ``plain`` (the base started at
-26.74); Poisson peak 4 gives 24.45 and 24.12 dB (base 23.85). So ``loss="auto"`` trains
-adjacent slices with ``plain`` (:func:`~nrrn_daemon.nrrn.plain_loss`: each branch still scored
-against the neighbour it did not see, the paper's Noise2Noise pairing) and repeat scans with
-eq. 3, where its derivation holds; either can be forced. Validation (and the promotion gate)
-uses the loss the model was trained with.
+slices).** Eq. 3's last term (−¼‖x' − x''‖²) averages to zero for repeat scans (one signal), but
+between adjacent slices it pays each branch for extrapolating towards the neighbour it did not
+see, which amplifies noise and dominates when the noise is light (the derivation is in
+:func:`~nrrn_daemon.nrrn.n2n_loss`). Measured on FIB-25 (BENCHMARKS §1), 300 fine-tune steps
+from the shipped base on the held-out block: Gaussian σ 25 gives 25.74 dB with eq. 3 and
+29.61 dB with ``plain`` (base 29.57); Poisson peak 4 gives 24.50 and 24.20 dB (base 24.04), the
+small price ``plain`` pays at heavy noise. So ``loss="auto"`` trains adjacent slices with
+``plain`` (:func:`~nrrn_daemon.nrrn.plain_loss`: each branch still scored against the neighbour
+it did not see, the paper's Noise2Noise pairing) and repeat scans with eq. 3, where its
+derivation holds; either can be forced. Validation (and the promotion gate) uses the loss the
+model was trained with.
 
 Choices where the paper leaves room (measurements in the helper's report and ``scripts/``):
 
@@ -208,7 +206,7 @@ class TrainReport:
     val_triplets: int = 0
     precision: str = "float32"
     compiled: bool = False
-    loss: str = "eq3"
+    loss: str = "plain"
 
 
 # -- the run --------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def validation_loss(
     seed: int = 0,
     batch: int = 8,
     grey_levels: bool = False,
-    loss: str = "eq3",
+    loss: str = "plain",
 ) -> float:
     """Mean training loss of ``model`` on fixed crops of held-out triplets (deterministic).
 
