@@ -50,15 +50,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nrrn_daemon.checkpoints import Checkpoint, Normalisation, load_checkpoint, save_checkpoint
-from nrrn_daemon.daemon import Daemon
-from nrrn_daemon.denoise import Denoiser
-from nrrn_daemon.devices import cpu_model
+from nrrn_daemon.config.loading import load_profile
+from nrrn_daemon.daemon.loop import Daemon
 from nrrn_daemon.errors import Abandoned
-from nrrn_daemon.microscope import encode_tiff
-from nrrn_daemon.nrrn import NRRN
-from nrrn_daemon.profile_files import load_profile
-from nrrn_daemon.provenance import Store
+from nrrn_daemon.model.checkpoints import (
+    Checkpoint,
+    Normalisation,
+    load_checkpoint,
+    save_checkpoint,
+)
+from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.model.devices import cpu_model
+from nrrn_daemon.model.nrrn import NRRN
+from nrrn_daemon.sim.microscope import encode_tiff
+from nrrn_daemon.store.store import Store
 
 NAME = "slice_{:05d}.tif"
 

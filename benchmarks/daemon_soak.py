@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from daemon_overhead import build_denoiser, make_checkpoint, rss_mib
 
-from nrrn_daemon.daemon import Daemon
-from nrrn_daemon.devices import cpu_model
-from nrrn_daemon.microscope import encode_tiff
-from nrrn_daemon.noise import noisy_stack
-from nrrn_daemon.phantom import make_phantom
-from nrrn_daemon.profile_files import load_profile
-from nrrn_daemon.provenance import Store
+from nrrn_daemon.config.loading import load_profile
+from nrrn_daemon.daemon.loop import Daemon
+from nrrn_daemon.model.devices import cpu_model
+from nrrn_daemon.sim.microscope import encode_tiff
+from nrrn_daemon.sim.noise import noisy_stack
+from nrrn_daemon.sim.phantom import make_phantom
+from nrrn_daemon.store.store import Store
 
 NAME = "SEM Image - SliceImage - {:05d}.tif"  # the demo profile's naming
 

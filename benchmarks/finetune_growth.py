@@ -23,11 +23,11 @@ import numpy as np
 import tifffile
 import torch
 
-from nrrn_daemon.checkpoints import load_checkpoint
-from nrrn_daemon.denoise import Denoiser
-from nrrn_daemon.metrics import psnr
-from nrrn_daemon.noise import noisy_stack
-from nrrn_daemon.training import TrainSettings, train
+from nrrn_daemon.evaluation.metrics import psnr
+from nrrn_daemon.finetune.training import TrainSettings, train
+from nrrn_daemon.model.checkpoints import load_checkpoint
+from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.sim.noise import noisy_stack
 
 FIB25 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fib25" / "fib25_sample1_250.tif"
 START, EVAL = 200, list(range(236, 248))

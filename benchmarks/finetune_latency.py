@@ -19,12 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-from nrrn_daemon.daemon import Daemon
-from nrrn_daemon.microscope import Microscope
-from nrrn_daemon.noise import noisy_stack
-from nrrn_daemon.phantom import make_phantom
-from nrrn_daemon.profile_files import load_profile
-from nrrn_daemon.provenance import Store
+from nrrn_daemon.config.loading import load_profile
+from nrrn_daemon.daemon.loop import Daemon
+from nrrn_daemon.sim.microscope import Microscope
+from nrrn_daemon.sim.noise import noisy_stack
+from nrrn_daemon.sim.phantom import make_phantom
+from nrrn_daemon.store.store import Store
 
 
 def main() -> None:

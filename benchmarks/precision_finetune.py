@@ -1,7 +1,7 @@
 """Fine-tuning in float32 against bf16: steps per minute and validation loss at equal wall time.
 
-Both arms fine-tune the shipped base checkpoint with ``nrrn_daemon.training.train`` (what the
-daemon's nightly fine-tune runs) on the same real data — the FIB-25 slices z = 170–249, which
+Both arms fine-tune the shipped base checkpoint with ``nrrn_daemon.finetune.training.train`` (what
+the daemon's nightly fine-tune runs) on the same real data — the FIB-25 slices z = 170–249, which
 the base checkpoint never trained on, with the paper's noise (``--noise``, one draw per slice) —
 with the same seed, crops, budget and validation slices (blocks of consecutive slices held out;
 the validation loss is measured in float32, eagerly, for both). They differ only in
@@ -43,9 +43,9 @@ ARMS = ("float32", "bf16")
 def arm(args: argparse.Namespace) -> None:
     """One fine-tune (in its own process, one thread); writes its report as JSON."""
     torch.set_num_threads(1)
-    from nrrn_daemon.checkpoints import load_checkpoint
-    from nrrn_daemon.noise import noisy_stack
-    from nrrn_daemon.training import TrainSettings, train
+    from nrrn_daemon.finetune.training import TrainSettings, train
+    from nrrn_daemon.model.checkpoints import load_checkpoint
+    from nrrn_daemon.sim.noise import noisy_stack
 
     clean = tifffile.imread(args.volume)[FIRST:LAST]
     noisy = noisy_stack(clean, args.noise, seed=args.seed)
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.volume.exists():
         raise SystemExit(f"FIB-25 volume not found at {args.volume} (see ../shared/data)")
-    from nrrn_daemon.checkpoints import load_checkpoint
-    from nrrn_daemon.devices import cpu_bf16_features, cpu_model
+    from nrrn_daemon.model.checkpoints import load_checkpoint
+    from nrrn_daemon.model.devices import cpu_bf16_features, cpu_model
 
     if not cpu_bf16_features():
         raise SystemExit(f"{cpu_model()} has no native bf16: nothing to compare")

@@ -1,12 +1,13 @@
 """Denoising quality on real FIB-SEM: the paper's EPFL-style protocol on the FIB-25 volume.
 
 The shared FIB-25 crop (250³ uint8, 10 nm voxels, already fairly clean: σ ≈ 3.8 grey levels) is
-the "clean" reference. For each noise level (default :data:`~nrrn_daemon.noise.PROTOCOL_LEVELS`)
-the whole volume is noised with :func:`~nrrn_daemon.noise.noisy_stack` (independent noise per
+the "clean" reference. For each noise level (default :data:`~nrrn_daemon.sim.noise.PROTOCOL_LEVELS`)
+the whole volume is noised with :func:`~nrrn_daemon.sim.noise.noisy_stack` (independent noise per
 slice; slice z always gets the draw ``(seed, z)``), and every method denoises the same noisy data:
 
 * **noisy** — the noisy centre slice itself;
-* **gauss-avg / median-avg / nlm-avg** — the filters of :mod:`nrrn_daemon.baselines` on the
+* **gauss-avg / median-avg / nlm-avg** — the filters of :mod:`nrrn_daemon.evaluation.baselines` on
+the
   average of the three slices z−1, z, z+1; **bm3d** on the centre slice alone;
 * **NRRN base** — the shipped base checkpoint (``nrrn_daemon/assets/base.pt``, or
   ``--checkpoint``) in triplet mode: centre z with neighbours z−1 and z+1;
@@ -14,7 +15,7 @@ slice; slice z always gets the draw ``(seed, z)``), and every method denoises th
   block itself (the product's per-data-set fine-tune: training sees only noisy slices, never a
   clean one), for ``--finetune-minutes`` of wall clock on this machine, then used like the base;
   once per loss in ``--finetune-losses`` (``plain``, the default for adjacent slices, and/or
-  ``eq3``, the paper's: see :mod:`nrrn_daemon.training`);
+  ``eq3``, the paper's: see :mod:`nrrn_daemon.finetune.training`);
 * **NRRN previous base** (with ``--previous-checkpoint``) — another checkpoint scored beside the
   base, for comparison only: it takes no part in the margin.
 
@@ -22,13 +23,13 @@ Data split. The base checkpoint was trained on z < 170 and validated on z = 170�
 (``scripts/train_base.py``); this benchmark only touches z ≥ 200 (refused otherwise). Evaluation
 block: ``--slices`` consecutive slices from ``--first`` (default z = 200–223); scores are the mean
 over its interior slices (each has both neighbours in the block: z = 201–222). Each baseline's
-parameter is chosen by :func:`~nrrn_daemon.baselines.best_of_grid` on a separate tuning slice
-(``--tune-slice``, default z = 230, outside the block) against its *clean* image: an oracle a
+parameter is chosen by :func:`~nrrn_daemon.evaluation.baselines.best_of_grid` on a separate tuning
+slice (``--tune-slice``, default z = 230, outside the block) against its *clean* image: an oracle a
 user does not have, which favours the baselines (NRRN gets no such help).
 
 All outputs are scored as the 8-bit images the pipeline writes: baseline results are clipped to
 [0, 255] and rounded like NRRN's. PSNR with peak 255 and SSIM (Wang et al., 11-px Gaussian window)
-from :mod:`nrrn_daemon.metrics`, against the clean slice.
+from :mod:`nrrn_daemon.evaluation.metrics`, against the clean slice.
 
 BM3D costs seconds per 250² slice on a CPU: ``--bm3d-slices N`` evaluates it on N evenly spread
 eval slices only (0 = all). The margin of NRRN over BM3D is then computed on those same slices.
@@ -57,13 +58,13 @@ import numpy as np
 import tifffile
 import torch
 
-from nrrn_daemon.baselines import METHODS, best_of_grid, run_method
-from nrrn_daemon.checkpoints import Checkpoint, load_checkpoint
-from nrrn_daemon.denoise import Denoiser
-from nrrn_daemon.devices import cpu_model
-from nrrn_daemon.metrics import psnr, ssim
-from nrrn_daemon.noise import PROTOCOL_LEVELS, noisy_stack, parse_spec, to_dtype
-from nrrn_daemon.training import TrainSettings, train
+from nrrn_daemon.evaluation.baselines import METHODS, best_of_grid, run_method
+from nrrn_daemon.evaluation.metrics import psnr, ssim
+from nrrn_daemon.finetune.training import TrainSettings, train
+from nrrn_daemon.model.checkpoints import Checkpoint, load_checkpoint
+from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.model.devices import cpu_model
+from nrrn_daemon.sim.noise import PROTOCOL_LEVELS, noisy_stack, parse_spec, to_dtype
 
 DEFAULT_VOLUME = Path(__file__).resolve().parents[2] / "shared/data/fib25/fib25_sample1_250.tif"
 HELD_OUT_FROM = 200

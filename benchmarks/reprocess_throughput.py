@@ -43,11 +43,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the numbers here.")
     args = parser.parse_args()
 
-    from nrrn_daemon.devices import cpu_model
-    from nrrn_daemon.noise import noisy_stack
-    from nrrn_daemon.omezarr import OmeZarrVolume
-    from nrrn_daemon.provenance import Store
-    from nrrn_daemon.reprocess import dask_cluster, plan_reprocess, run_plan
+    from nrrn_daemon.batch.reprocess import dask_cluster, plan_reprocess, run_plan
+    from nrrn_daemon.imaging.omezarr import OmeZarrVolume
+    from nrrn_daemon.model.devices import cpu_model
+    from nrrn_daemon.sim.noise import noisy_stack
+    from nrrn_daemon.store.store import Store
 
     if not FIB25.exists():
         sys.exit(f"FIB-25 volume not found at {FIB25}")

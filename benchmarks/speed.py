@@ -36,11 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nrrn_daemon.checkpoints import BASE_CHECKPOINT, Checkpoint, Normalisation, load_checkpoint
-from nrrn_daemon.denoise import Denoiser
-from nrrn_daemon.devices import cpu_bf16_features, cpu_model
-from nrrn_daemon.nrrn import NRRN
-from nrrn_daemon.tiling import Tile, plan_tiles
+from nrrn_daemon.model.checkpoints import (
+    BASE_CHECKPOINT,
+    Checkpoint,
+    Normalisation,
+    load_checkpoint,
+)
+from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.model.devices import cpu_bf16_features, cpu_model
+from nrrn_daemon.model.nrrn import NRRN
+from nrrn_daemon.model.tiling import Tile, plan_tiles
 
 PAPER_PATCH, PAPER_CUT = 256, 20
 FLAGS = ("bf16", "cl", "compile", "fused")

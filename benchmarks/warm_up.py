@@ -33,9 +33,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from torch._dynamo.utils import counters
 
-    from nrrn_daemon.checkpoints import Checkpoint, Normalisation, load_checkpoint
-    from nrrn_daemon.denoise import Denoiser
-    from nrrn_daemon.nrrn import NRRN
+    from nrrn_daemon.model.checkpoints import Checkpoint, Normalisation, load_checkpoint
+    from nrrn_daemon.model.denoise import Denoiser
+    from nrrn_daemon.model.nrrn import NRRN
 
     if args.child == "base":
         ckpt = load_checkpoint(None)

@@ -2,7 +2,7 @@
 
 Fills a folder with ``--files`` small TIFF slices (on disk by default; ``--dir`` picks another
 place, e.g. ``/dev/shm`` for tmpfs), then, one after the other, runs a real
-:class:`~nrrn_daemon.watch.Watcher` for each observer in its own subprocess, so that CPU
+:class:`~nrrn_daemon.watch.watcher.Watcher` for each observer in its own subprocess, so that CPU
 accounting is not shared. Each child polls the watcher like the daemon loop does (every 0.1 s,
 the daemon's ``IDLE_WAIT_S``), with the files already known (``mark_known``, as the daemon does
 for slices in its store), the default reconciliation scan every 60 s and ``settle_s = 1``.
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nrrn_daemon.devices import cpu_model
-from nrrn_daemon.microscope import encode_tiff
-from nrrn_daemon.watch import Watcher
+from nrrn_daemon.model.devices import cpu_model
+from nrrn_daemon.sim.microscope import encode_tiff
+from nrrn_daemon.watch.watcher import Watcher
 
 GLOB = "SEM Image - SliceImage - *.tif"
 LOOP_WAIT_S = 0.1  # the daemon loop's IDLE_WAIT_S: how often it polls the watcher
@@ -164,7 +164,7 @@ def per_operation_ms(folder: Path, repeat: int = 20) -> dict[str, float]:
     """CPU milliseconds of each observer's per-interval work on the folder, and of a rescan."""
     from watchdog.utils.dirsnapshot import DirectorySnapshot
 
-    from nrrn_daemon.watch_scan import FolderListing
+    from nrrn_daemon.watch.listing import FolderListing
 
     lister = FolderListing(folder, GLOB, recursive=False, poll_interval_s=0.0)
     lister.rebuild()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InputError, OutputError
+from nrrn_daemon.errors import InputError, OutputError
 
 CHUNK = 1 << 20
 

@@ -21,7 +21,7 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from nrrn_daemon.profiles import Profile, WatchSettings
+    from nrrn_daemon.config.profiles import Profile, WatchSettings
 
 __all__ = ["NameRejected", "RejectReason", "SliceParser", "SliceRef", "parse_slice"]
 

@@ -53,7 +53,7 @@ from nrrn_daemon.errors import InputError
 from nrrn_daemon.slices import SliceRef
 
 if TYPE_CHECKING:
-    from nrrn_daemon.profiles import GroupingSettings
+    from nrrn_daemon.config.profiles import GroupingSettings
 
 __all__ = ["TripletGrouper", "Work", "WorkMode"]
 

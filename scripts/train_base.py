@@ -31,21 +31,21 @@ import numpy as np
 import tifffile
 import torch
 
-from nrrn_daemon.checkpoints import Checkpoint, save_checkpoint
-from nrrn_daemon.denoise import Denoiser
-from nrrn_daemon.devices import cpu_model
-from nrrn_daemon.imageio import sha256_file
-from nrrn_daemon.metrics import psnr
-from nrrn_daemon.noise import noisy_stack, random_mixed, to_dtype
-from nrrn_daemon.nrrn import NRRNConfig
-from nrrn_daemon.training import TrainSettings, train
+from nrrn_daemon.evaluation.metrics import psnr
+from nrrn_daemon.finetune.training import TrainSettings, train
+from nrrn_daemon.imaging.tiff import sha256_file
+from nrrn_daemon.model.checkpoints import Checkpoint, save_checkpoint
+from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.model.devices import cpu_model
+from nrrn_daemon.model.nrrn import NRRNConfig
+from nrrn_daemon.sim.noise import noisy_stack, random_mixed, to_dtype
 
 ASSETS = Path(__file__).resolve().parents[1] / "nrrn_daemon" / "assets"
 TRAIN_END, VALIDATION_END = 170, 200  # train on z < 170, validate on 170–199, never touch z ≥ 200
 CHECK_SLICES = range(200, 211)
 CHECK_LEVELS = ("gaussian:25", "poisson:4")
 NOISE_PROTOCOL = (
-    "nrrn_daemon.noise.random_mixed on each triplet (3 slices stacked): with probability 1/2 "
+    "nrrn_daemon.sim.noise.random_mixed on each triplet (3 slices stacked): with probability 1/2 "
     "Poisson with a peak uniform in [1, 50], else Gaussian with sigma uniform in [10, 75] (0-255 "
     "scale); one level per triplet, independent noise per pixel and slice; clipped and rounded "
     "to uint8"

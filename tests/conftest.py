@@ -43,8 +43,8 @@ def random_checkpoint(path: Path, blocks: int = 1, features: int = 4, seed: int 
     """Save a small NRRN with random weights (slice normalisation) to ``path``."""
     import torch
 
-    from nrrn_daemon.checkpoints import Checkpoint, Normalisation, save_checkpoint
-    from nrrn_daemon.nrrn import NRRN
+    from nrrn_daemon.model.checkpoints import Checkpoint, Normalisation, save_checkpoint
+    from nrrn_daemon.model.nrrn import NRRN
 
     torch.manual_seed(seed)
     model = NRRN(blocks=blocks, features=features)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from nrrn_daemon.cli import app
-from nrrn_daemon.profile_files import profile_field_docs
+from nrrn_daemon.cli.app import app
+from nrrn_daemon.config.loading import profile_field_docs
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]

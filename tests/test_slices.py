@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nrrn_daemon.profile_files import BUNDLED_PROFILES, load_profile
+from nrrn_daemon.config.loading import BUNDLED_PROFILES, load_profile
 from nrrn_daemon.slices import NameRejected, RejectReason, SliceParser, SliceRef, parse_slice
 
 ROOT = Path("/data/acq")

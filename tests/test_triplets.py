@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nrrn_daemon.config.profiles import GroupingSettings
 from nrrn_daemon.errors import InputError
-from nrrn_daemon.profiles import GroupingSettings
 from nrrn_daemon.slices import SliceRef
 from nrrn_daemon.triplets import TripletGrouper, Work, WorkMode
 

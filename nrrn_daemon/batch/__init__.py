@@ -1,0 +1,1 @@
+"""Whole data sets at once: reprocess on Dask, offline denoise of a stack."""

@@ -1,0 +1,1 @@
+"""The nrrn-daemon command line: the only place that prints or exits."""

@@ -1,0 +1,1 @@
+"""Strict instrument profiles (pydantic), how they are found and loaded, output naming."""

@@ -1,0 +1,407 @@
+"""Instrument profiles: strict pydantic models of one TOML file per microscope set-up.
+
+A profile says where the microscope writes its slices, how to read an index out of a file name,
+how to group slices, where outputs and the provenance database go, which model to run and when to
+fine-tune it. Every model forbids unknown fields, bounds its numbers and documents each field with
+the docstring under it (``use_attribute_docstrings``);
+:func:`~nrrn_daemon.config.loading.profile_field_docs` exposes those docstrings so the README can
+be checked against them.
+
+This module is the schema. Finding, reading and listing profile files (:func:`load_profile`,
+:func:`list_profiles`, :func:`profile_search_path`) is :mod:`nrrn_daemon.config.loading`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from nrrn_daemon.config import naming
+
+__all__ = [
+    "FinetuneSettings",
+    "GroupingSettings",
+    "ImageSettings",
+    "ModelSettings",
+    "OutputSettings",
+    "Profile",
+    "StoreSettings",
+    "WatchSettings",
+]
+
+PROFILE_NAME = re.compile(r"^[a-z0-9_-]+$")
+"""What a profile name may look like: it doubles as a file name, so it cannot escape a folder."""
+
+_STRICT = ConfigDict(
+    extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
+)
+
+
+def _expand(value: Any) -> Any:
+    """Expand ``~`` and ``$VARS`` in a path-like value; relative paths stay relative."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(os.path.expandvars(os.path.expanduser(os.fspath(value))))
+    return value
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    """Whether ``inner`` is ``outer`` or lies below it, after resolving both against the CWD."""
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+class WatchSettings(BaseModel):
+    """Where the microscope writes its slices and how to recognise them."""
+
+    model_config = _STRICT
+
+    folder: Path = Path("/data/fibsem/incoming")
+    """The microscope's output folder. Read-only to the daemon: nothing is ever written there."""
+
+    glob: str = "*.tif"
+    """Shell pattern matched (case-sensitively) against file names only, never against folders."""
+
+    index_regex: str = r"(?P<index>\d+)\D*$"
+    """Regular expression searched in the file name; its named group `index` holds the slice
+    number (parsed as an integer). An optional group `scan` numbers repeated scans of one slice
+    and is required when `grouping.mode` is "repeat-scans"."""
+
+    recursive: bool = False
+    """Also watch the sub-folders of `folder`."""
+
+    observer: Literal["native", "polling", "listing"] = "native"
+    """"native" uses the OS notifications (inotify...); on network shares (CIFS/NFS), where
+    remote writes raise no notification, use "listing" (every `poll_interval_s`, read the
+    folder's file names and stat only new files: cheap on folders of many thousand slices; a
+    file rewritten in place under a known name is seen by the next reconciliation scan) or
+    "polling" (watchdog's polling observer, which stats every file every `poll_interval_s`)."""
+
+    poll_interval_s: float = Field(default=2.0, ge=0.1, le=600)
+    """Seconds between two looks at the folder by the "listing" or "polling" observer."""
+
+    settle_s: float = Field(default=2.0, ge=0, le=3600)
+    """A file counts as complete once its size and modification time stayed unchanged this many
+    seconds (and it decodes)."""
+
+    rescan_interval_s: float = Field(default=60.0, ge=1, le=86400)
+    """Seconds between two reconciliation scans of the whole folder, which stat every file and
+    catch any file the observer missed (and, with "listing", files rewritten in place)."""
+
+    @field_validator("folder", mode="before")
+    @classmethod
+    def _expand_folder(cls, value: Any) -> Any:
+        return _expand(value)
+
+    @field_validator("glob")
+    @classmethod
+    def _glob_is_a_name_pattern(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the glob is empty; give a file name pattern such as '*.tif'")
+        if "/" in value or "\\" in value:
+            raise ValueError(
+                "the glob is matched against file names only and must not contain '/' or '\\'; "
+                "use watch.folder and watch.recursive for folders"
+            )
+        return value
+
+    @field_validator("index_regex")
+    @classmethod
+    def _regex_has_index_group(cls, value: str) -> str:
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        if "index" not in pattern.groupindex:
+            raise ValueError(
+                "the regular expression has no named group `index`; "
+                r"write it as (?P<index>\d+) around the slice number"
+            )
+        return value
+
+
+class GroupingSettings(BaseModel):
+    """How slices are grouped into units of work."""
+
+    model_config = _STRICT
+
+    mode: Literal["adjacent", "repeat-scans"] = "adjacent"
+    """"adjacent": slice j is denoised with slices j-1 and j+1 as Noise2Noise targets;
+    "repeat-scans": the scans of one slice (group `scan` of `watch.index_regex`) form the group."""
+
+    neighbour_wait_s: float = Field(default=600.0, ge=0, le=86400)
+    """Seconds a ready slice waits for a missing neighbour (or scan) before it is denoised with
+    what it has (pair mode, or single at a stack edge)."""
+
+    redo_as_triplet: bool = True
+    """When a late neighbour arrives, denoise again as a full triplet a slice that was done in
+    pair or single mode."""
+
+    scans_per_slice: int = Field(default=2, ge=2, le=16)
+    """Repeat-scans mode: the number of scans that completes one slice's group."""
+
+
+class ImageSettings(BaseModel):
+    """How to read a slice before denoising."""
+
+    model_config = _STRICT
+
+    databar: Literal["none", "fei", "rows"] = "none"
+    """The information strip below the image, cropped before denoising: "none"; "fei" (height
+    from the FEI metadata, keeping [Image] ResolutionY rows); "rows" (`databar_rows` rows)."""
+
+    databar_rows: int = Field(default=0, ge=0, le=65535)
+    """For `databar` = "rows": the fixed height in pixels of the strip at the bottom."""
+
+    @model_validator(mode="after")
+    def _rows_match_databar(self) -> ImageSettings:
+        if self.databar == "rows" and self.databar_rows < 1:
+            raise ValueError(
+                f"image.databar = 'rows' needs image.databar_rows >= 1; got {self.databar_rows}"
+            )
+        if self.databar != "rows" and self.databar_rows:
+            raise ValueError(
+                f"image.databar_rows = {self.databar_rows} is only used with "
+                f"image.databar = 'rows'; got databar = {self.databar!r}"
+            )
+        return self
+
+
+class OutputSettings(BaseModel):
+    """Where denoised slices are written and how they are named."""
+
+    model_config = _STRICT
+
+    folder: Path = Path("/data/fibsem/denoised")
+    """Folder of the denoised TIFFs. Must not be the watch folder nor lie inside it."""
+
+    naming: str = "{name}"
+    """Output file name template with the placeholders {name} (input file name), {stem} (name
+    without suffix), {suffix} (e.g. ".tif") and {index} (slice number; format specs such as
+    {index:05d} work). The result must be a plain file name."""
+
+    zarr: Path | None = None
+    """Also write every denoised slice into this live OME-Zarr volume (z = slice index), so the
+    growing stack can be viewed in napari or neuroglancer during acquisition; a relative path is
+    taken inside output.folder. Unset (the default): TIFFs only."""
+
+    @field_validator("folder", "zarr", mode="before")
+    @classmethod
+    def _expand_folder(cls, value: Any) -> Any:
+        return None if value is None or value == "" else _expand(value)
+
+    @property
+    def zarr_path(self) -> Path | None:
+        """:attr:`zarr`, made absolute (inside :attr:`folder` when relative)."""
+        if self.zarr is None:
+            return None
+        return self.zarr if self.zarr.is_absolute() else self.folder / self.zarr
+
+    @field_validator("naming")
+    @classmethod
+    def _naming_is_a_safe_template(cls, value: str) -> str:
+        return naming.check_template(value)
+
+
+class StoreSettings(BaseModel):
+    """The provenance database."""
+
+    model_config = _STRICT
+
+    database: Path = Path("/var/lib/nrrn-daemon/nrrn.sqlite")
+    """SQLite file recording every slice, output, model and fine-tune run."""
+
+    @field_validator("database", mode="before")
+    @classmethod
+    def _expand_database(cls, value: Any) -> Any:
+        return _expand(value)
+
+
+class ModelSettings(BaseModel):
+    """Which network runs, where, and how the image is tiled."""
+
+    model_config = _STRICT
+
+    checkpoint: str = "base"
+    """"base" (the shipped base checkpoint), "dataset" (the data set's promoted fine-tuned model,
+    else base) or a path to a .pt checkpoint."""
+
+    device: str = "auto"
+    """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
+
+    tile: int = Field(default=512, ge=64, le=8192)
+    """Tile (output core) size in pixels; each tile is read with a halo that covers the
+    network's receptive field, so the stitched slice equals whole-image inference."""
+
+    tile_batch: int | None = Field(default=None, ge=1, le=64)
+    """Tiles per forward pass; unset: 4 on CUDA, 1 on the CPU (where batching gains ~10 % for
+    about 4× the memory)."""
+
+    precision: Literal["auto", "float32", "bf16"] = "auto"
+    """"auto": bf16 autocast where the hardware computes it natively (CUDA — fp16 on GPUs
+    without bf16 —, CPUs with AVX512-BF16 or AMX-BF16; outputs within 1 grey level of float32),
+    float32 elsewhere; "float32" forces full precision; "bf16" insists on it (refused where it
+    is not native). Used for denoising and fine-tuning."""
+
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Run the network through torch.compile: "auto" on CUDA, and on the CPU for models of ≥ 32
+    channels (1.7–2× faster; fine-tunes only with ≥ 5-minute budgets); compiled once at start
+    (tens of seconds on a CPU), falls back to eager, logged once, where no compiler works."""
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _checkpoint_choice(cls, value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or value in ("base", "dataset"):
+            return value
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        if not expanded.endswith(".pt"):
+            raise ValueError("expected 'base', 'dataset' or a path to a .pt checkpoint")
+        return expanded
+
+    @field_validator("device")
+    @classmethod
+    def _device_choice(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """The checkpoint file when `checkpoint` is a path; None for "base" and "dataset"."""
+        return None if self.checkpoint in ("base", "dataset") else Path(self.checkpoint)
+
+
+class FinetuneSettings(BaseModel):
+    """When and how the model is fine-tuned on the data set being acquired."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    """Run scheduled fine-tunes at all."""
+
+    cron: str = "0 2 * * *"
+    """When to fine-tune: a 5-field crontab expression (minute hour day month weekday)."""
+
+    early_after_slices: int = Field(default=200, ge=0, le=10_000_000)
+    """Run a first fine-tune once this many slices are denoised, without waiting for `cron`;
+    0 disables it."""
+
+    minutes: float = Field(default=30.0, ge=0.5, le=1440)
+    """Time budget of one fine-tune run in minutes."""
+
+    validation_fraction: float = Field(default=0.1, ge=0.02, le=0.5)
+    """Fraction of the triplets held out to decide whether the fine-tuned model is promoted."""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"expected 5 fields (minute hour day month weekday), got {len(fields)}"
+            )
+        try:
+            from apscheduler.triggers.cron import CronTrigger
+        except ImportError:  # pragma: no cover - apscheduler is a dependency
+            return value
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"not a valid crontab expression ({exc})") from None
+        return value
+
+
+class Profile(BaseModel):
+    """One microscope set-up: the top of a profile TOML file."""
+
+    model_config = _STRICT
+
+    name: str = Field(pattern=PROFILE_NAME.pattern)
+    """Profile name (lower-case letters, digits, '_' and '-'); also its file name without .toml."""
+
+    description: str = ""
+    """Free text: the instrument, its software and its file naming."""
+
+    watch: WatchSettings = WatchSettings()
+    """[watch]: the microscope's output folder and its file names."""
+
+    grouping: GroupingSettings = GroupingSettings()
+    """[grouping]: how slices form units of work."""
+
+    image: ImageSettings = ImageSettings()
+    """[image]: how a slice is read (databar)."""
+
+    output: OutputSettings = OutputSettings()
+    """[output]: where denoised slices go."""
+
+    store: StoreSettings = StoreSettings()
+    """[store]: the provenance database."""
+
+    model: ModelSettings = ModelSettings()
+    """[model]: the network, device and tiling."""
+
+    finetune: FinetuneSettings = FinetuneSettings()
+    """[finetune]: scheduled fine-tuning."""
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        watch = self.watch.folder
+        if _is_within(self.output.folder, watch):
+            raise ValueError(
+                f"output.folder ({self.output.folder}) is the watch folder or inside it "
+                f"({watch}); the watch folder is read-only to the daemon, choose another folder"
+            )
+        zarr = self.output.zarr_path
+        if zarr is not None and _is_within(zarr, watch):
+            raise ValueError(
+                f"output.zarr ({zarr}) is inside the watch folder ({watch}); the watch folder is "
+                "read-only to the daemon, choose another place"
+            )
+        if _is_within(self.store.database, watch):
+            raise ValueError(
+                f"store.database ({self.store.database}) is inside the watch folder ({watch}); "
+                "the watch folder is read-only to the daemon, choose another place"
+            )
+        if (
+            self.grouping.mode == "repeat-scans"
+            and "scan" not in re.compile(self.watch.index_regex).groupindex
+        ):
+            raise ValueError(
+                "grouping.mode = 'repeat-scans' needs a named group `scan` in watch.index_regex; "
+                f"got {self.watch.index_regex!r}"
+            )
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The file this profile was loaded from, or None when built in code."""
+        return self._source
+
+    def output_name(self, input_name: str, index: int | None) -> str:
+        """Apply the `output.naming` template to one input file.
+
+        Parameters
+        ----------
+        input_name
+            The input file name (no folder).
+        index
+            The slice index, or None when unknown.
+
+        Returns
+        -------
+        str
+            The output file name, checked to be a plain file name.
+
+        Raises
+        ------
+        InputError
+            When the template needs {index} and none is given, or the result is not a plain name.
+        """
+        return naming.output_name(self.output.naming, input_name, index)

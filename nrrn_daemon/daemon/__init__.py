@@ -1,0 +1,1 @@
+"""The acquisition daemon: the loop, arrivals, the reader/model/writer pipeline, recording."""

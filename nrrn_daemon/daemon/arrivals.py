@@ -1,0 +1,240 @@
+"""A slice file is complete: identify it, record it in the store, hand it to the grouper.
+
+The daemon loop's side of the raw folder (only its thread calls in, so the store keeps one
+writer): for each file the watcher reports complete, :meth:`Arrivals.complete` parses its name,
+learns its sha256, shape and dtype (from the one read that loads it into the slice cache), skips
+a repeat of content already denoised, fails a slice whose size or bit depth is not the data
+set's, records the slice as ready and submits the units the grouper says are now ready (or, for
+new content under a name already denoised, a new version with the same neighbours as before).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import tifffile
+
+from nrrn_daemon.config.profiles import Profile
+from nrrn_daemon.daemon.slicecache import SliceCache
+from nrrn_daemon.errors import InputError
+from nrrn_daemon.imaging.tiff import sha256_file
+from nrrn_daemon.slices import NameRejected, SliceRef, parse_slice
+from nrrn_daemon.states import InputRole, OutputReason, SliceState
+from nrrn_daemon.store.store import Store
+from nrrn_daemon.triplets import TripletGrouper, Work, WorkMode
+
+log = logging.getLogger("nrrn_daemon")
+
+Kind = tuple[tuple[int, ...], np.dtype]
+"""A slice file's full shape (databar included) and dtype; one per data set."""
+
+
+class Counters(Protocol):
+    """The live counters arrivals update (the daemon's ``LiveState``)."""
+
+    seen: int
+    failed: int
+    recent_failures: Any
+
+
+@dataclass(frozen=True)
+class Found:
+    """What a complete slice file tells the store and the size check."""
+
+    size: int
+    mtime: float
+    sha256: str
+    kind: Kind
+
+
+class Arrivals:
+    """Turns complete slice files into store rows and units of work (see the module docstring).
+
+    Parameters
+    ----------
+    profile, store, dataset_id, watch_folder, grouper
+        The daemon's.
+    cache
+        Where slices are loaded; ``None``: the synchronous design (hash the file, read its
+        header; the pixels are read per unit).
+    state
+        Counters for the heartbeat (``seen``, ``failed``, ``recent_failures``).
+    on_event
+        The daemon's live-view callback.
+    submit
+        ``submit(work, reason)``: hand a unit to the pipeline (reason None: first / redo).
+    """
+
+    def __init__(
+        self,
+        *,
+        profile: Profile,
+        store: Store,
+        dataset_id: int,
+        watch_folder: Path,
+        grouper: TripletGrouper,
+        cache: SliceCache | None,
+        state: Counters,
+        on_event: Callable[[str, dict[str, Any]], None],
+        submit: Callable[[Work, OutputReason | None], None],
+    ) -> None:
+        self.profile = profile
+        self.store = store
+        self.dataset_id = dataset_id
+        self.watch_folder = watch_folder
+        self.grouper = grouper
+        self.cache = cache
+        self.state = state
+        self.on_event = on_event
+        self.submit = submit
+        self.kind: Kind | None = None  # the data set's, from its first slice
+
+    def parse(self, path: Path) -> SliceRef | NameRejected | None:
+        """The slice a path names, why it names none, or None when it is not ours."""
+        return parse_slice(path, self.watch_folder, self.profile.watch, self.profile.grouping.mode)
+
+    def complete(self, path: Path, now: float) -> None:
+        """A file the watcher found complete (stable and decodable)."""
+        ref = self.parse(path)
+        if ref is None:  # not a slice of ours (the glob does not match)
+            return
+        if not isinstance(ref, SliceRef):
+            log.warning("ignoring %s: %s", path.name, ref)
+            self.fail(path, None, str(ref))
+            return
+        try:
+            found = self._identify(path)
+        except InputError as exc:
+            if not path.exists():
+                log.warning("%s disappeared before it could be read; skipped", path.name)
+            else:
+                self.fail(path, ref, str(exc))
+            return
+        known = self.store.get_slice(self.dataset_id, str(path))
+        if (
+            known is not None
+            and known.state == SliceState.DENOISED
+            and known.sha256 == found.sha256
+        ):
+            # A repeat of a slice already processed (same content): not re-done.
+            fallback = "repeat" if self.profile.grouping.mode == "repeat-scans" else "triplet"
+            self.grouper.add_done(ref, self.store.current_mode(known.id) or fallback)
+            return
+        changed = known is not None and known.state == SliceState.DENOISED
+        if self.kind is None:
+            self.kind = found.kind
+        elif found.kind != self.kind:
+            if self.cache is not None:
+                self.cache.forget(path)
+            self.fail(path, ref, _misfit(found.kind, self.kind))
+            return
+        self.store.upsert_slice(
+            self.dataset_id, path=str(path), name=path.name, index=ref.index, scan=ref.scan,
+            size=found.size, mtime=found.mtime, sha256=found.sha256, state=SliceState.READY,
+            ready_at=now,
+        )  # fmt: skip
+        self.state.seen += 1
+        self.on_event("ready", {"name": path.name, "index": ref.index})
+        if changed:
+            # New content under a name already denoised: a new output version, same neighbours.
+            log.warning("%s changed on disk since it was denoised: denoising it again", path.name)
+            self.submit(self.same_inputs_as_before(ref), OutputReason.INPUT_CHANGED)
+            return
+        for item in self.grouper.add(ref, now):
+            self.submit(item, None)
+
+    def failed_on_arrival(self, path: Path, why: str) -> None:
+        """A file the watcher gave up on (stable but undecodable)."""
+        ref = self.parse(path)
+        self.fail(path, ref if isinstance(ref, SliceRef) else None, why)
+
+    def fail(self, path: Path, ref: SliceRef | None, why: str) -> None:
+        """Record the slice at ``path`` as failed, with the reason."""
+        st = path.stat() if path.exists() else None
+        self.store.upsert_slice(
+            self.dataset_id, path=str(path), name=path.name,
+            index=ref.index if ref else -1, scan=ref.scan if ref else None,
+            size=st.st_size if st else 0, mtime=st.st_mtime if st else 0.0, sha256="",
+            state=SliceState.FAILED, reason=why,
+        )  # fmt: skip
+        self.state.failed += 1
+        self.state.recent_failures.append(f"{path.name}: {why}")
+        log.error("%s failed: %s", path.name, why)
+        self.on_event("failed", {"name": path.name, "reason": why})
+
+    def same_inputs_as_before(self, ref: SliceRef) -> Work:
+        """A unit for ``ref`` with the neighbours its current output used (those still there)."""
+        report = self.store.provenance(str(ref.path))
+        current = next(o for o in report["outputs"] if o["is_current"])
+        neighbours = []
+        for item in current["inputs"]:
+            path = Path(item["path"])
+            if item["role"] != InputRole.CENTRE.value and path.exists():
+                other = self.parse(path)
+                if isinstance(other, SliceRef):
+                    neighbours.append(other)
+        mode = current["mode"] if len(neighbours) == len(current["inputs"]) - 1 else None
+        if mode is None:
+            mode = WorkMode.PAIR if neighbours else WorkMode.SINGLE
+        return Work(centre=ref, neighbours=tuple(neighbours), mode=WorkMode(mode))
+
+    def seed(self, mark_known: Callable[[Path], None]) -> None:
+        """At start: the slices denoised before (and unchanged since) go to the grouper as done,
+        and to ``mark_known`` (the watcher's), so they are not reported again."""
+        for row, mode in self.store.denoised_slices(self.dataset_id):
+            path = Path(row.path)
+            if path.exists() and _unchanged(path, row):
+                ref = self.parse(path)
+                if isinstance(ref, SliceRef):
+                    self.grouper.add_done(ref, mode)
+                    mark_known(path)
+
+    def _identify(self, path: Path) -> Found:
+        """Size, mtime, sha256, shape and dtype of a complete slice file.
+
+        With the cache: from the one read that loads the slice (usually done already by the
+        watcher's decode check). Without: hash the file, then read its TIFF header.
+
+        Raises
+        ------
+        InputError
+            The file cannot be read, or is not a usable slice.
+        """
+        if self.cache is not None:
+            loaded = self.cache.load(path)
+            kind = (loaded.image.full_shape, loaded.image.dtype)
+            return Found(loaded.size, loaded.mtime, loaded.sha256 or "", kind)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc}") from None
+        sha = sha256_file(path)
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                kind = (tuple(page.shape), np.dtype(page.dtype))
+        except Exception as exc:  # noqa: BLE001 - any header problem is the file's
+            raise InputError(f"cannot read TIFF header: {exc}") from None
+        return Found(st.st_size, st.st_mtime, sha, kind)
+
+
+def _misfit(kind: Kind, expected: Kind) -> str:
+    """Why a slice of another shape or dtype than the data set's is not used."""
+    (shape, dtype), (want_shape, want_dtype) = kind, expected
+    what, want = "×".join(map(str, shape)), "×".join(map(str, want_shape))
+    if shape == want_shape:
+        what, want = f"{what} {dtype}", f"{want} {want_dtype}"
+    return (
+        f"slice is {what} but this data set's slices are {want}; it is not denoised nor used as"
+        " a neighbour"
+    )
+
+
+def _unchanged(path: Path, row: Any) -> bool:
+    st = path.stat()
+    return st.st_size == row.size and abs(st.st_mtime - row.mtime) < 1e-3

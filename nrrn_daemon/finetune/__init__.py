@@ -1,0 +1,1 @@
+"""Nightly fine-tuning: the schedule, the child run, training, validation, the promotion gate."""

@@ -1,0 +1,1 @@
+"""Image files: slice TIFFs (databar, tags, atomic writes), stacks, voxel size, OME-Zarr."""

@@ -1,0 +1,410 @@
+"""Slice I/O for the daemon: read a slice TIFF (crop the databar, keep metadata), write atomically.
+
+Reading decodes the whole image, so a file the microscope is still writing fails here rather than
+being denoised half-empty: before decoding, every strip or tile must end inside the file and the
+IFD chain must end cleanly (tifffile only logs a broken chain), and the decoded array must have the
+shape the header announces.
+
+Writing renders the full-size image (denoised pixels above the untouched databar) in the input's
+dtype, byte order and photometric interpretation, to a hidden temporary file ``.<name>.<rand>.part``
+in the destination folder (ignored by ``*.tif`` globs and watchers), then flush, ``os.fsync``,
+``os.replace`` onto the final name and fsync the folder: a crash never leaves a half-written file
+under the final name. Output is uncompressed.
+
+Which metadata is kept, and as which bytes: see :mod:`nrrn_daemon.imaging.tiffmeta`.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+import tifffile
+
+from nrrn_daemon.errors import InputError
+from nrrn_daemon.files import atomic_write, safe_join, sha256_file
+from nrrn_daemon.imaging.tiffmeta import (
+    KEPT_TAGS,
+    ORIGINAL_DESCRIPTION_MARKER,
+    SEM_TAGS,
+    TagTuple,
+    fei_metadata,
+    kept_tags,
+    raw_tag,
+    split_description,
+    split_resolution,
+    text_of,
+)
+
+DatabarMode = Literal["none", "fei", "rows"]
+
+DENOISABLE_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.uint8), np.dtype(np.uint16))
+
+
+@dataclass(frozen=True, eq=False)
+class SliceImage:
+    """One decoded slice: the pixels to denoise, the databar below them, and what to write back.
+
+    Attributes
+    ----------
+    pixels : numpy.ndarray
+        The image part, shape ``(height, width)``: what the network sees.
+    databar : numpy.ndarray or None
+        The rows below the image (the microscope's info strip), copied through unchanged.
+    dtype : numpy.dtype
+        The input's pixel type (uint8 or uint16); the output is written in it.
+    full_shape : tuple of int
+        Shape of the whole input image, databar included.
+    tags : list of TagTuple
+        Metadata tags to write back, in tifffile ``extratags`` format, values as raw bytes
+        (resolution tags as tuples).
+    fei : dict or None
+        Parsed FEI metadata (``{"Image": {"ResolutionY": ...}, ...}``) when present.
+    description : str or None
+        The original ImageDescription.
+    byteorder : str
+        ``"<"`` or ``">"``: the output keeps the input's byte order.
+    photometric : int
+        0 (min-is-white) or 1 (min-is-black): kept so viewers show the same grey levels.
+    """
+
+    pixels: np.ndarray
+    databar: np.ndarray | None
+    dtype: np.dtype
+    full_shape: tuple[int, int]
+    tags: list[TagTuple]
+    fei: dict[str, Any] | None
+    description: str | None
+    byteorder: str = "<"
+    photometric: int = 1
+
+
+@contextmanager
+def open_tiff(path: Path, data: bytes | None = None) -> Iterator[tifffile.TiffFile]:
+    """Open ``path`` with tifffile and check that its structure is complete.
+
+    With ``data``, the file's bytes already read, nothing is read from disk; ``path`` only names
+    the file in errors.
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable, empty, not a TIFF, or truncated (see :func:`check_structure`).
+    """
+    path = Path(path)
+    try:
+        tif = tifffile.TiffFile(path if data is None else io.BytesIO(data), name=path.name)
+    except FileNotFoundError:
+        raise InputError(f"cannot read {path}: file not found — check the path") from None
+    except IsADirectoryError:
+        raise InputError(f"cannot read {path}: it is a folder, not a TIFF file") from None
+    except PermissionError:
+        raise InputError(f"cannot read {path}: permission denied — fix its permissions") from None
+    except (tifffile.TiffFileError, ValueError, struct.error) as exc:
+        raise InputError(
+            f"cannot read {path}: not a TIFF file or a damaged one ({exc}) — pass TIFF slices as"
+            " written by the microscope, or wait until it has finished writing"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror} — check the file") from None
+    try:
+        check_structure(tif, path)
+        yield tif
+    finally:
+        tif.close()
+
+
+def check_structure(tif: tifffile.TiffFile, path: Path) -> None:
+    """Raise :class:`InputError` unless all page data lies inside the file and the IFD chain ends.
+
+    Cheap: reads only IFDs, never pixel data.
+    """
+    size = tif.filehandle.size
+    pages = tif.pages
+    if len(pages) == 0:
+        raise InputError(
+            f"cannot read {path}: the TIFF holds no image (header only, {size} bytes) — the file is"
+            " truncated or still being written; wait and retry, or re-export it"
+        )
+    for index, page in enumerate(pages):
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
+        if not ends or max(ends) > size:
+            end = max(ends) if ends else 0
+            raise InputError(
+                f"cannot read {path}: truncated TIFF (page {index} needs {end} bytes, the file has"
+                f" {size}) — it may still be being written; wait and retry, or re-export it"
+            )
+    fh, fmt = tif.filehandle, tif.tiff
+    last = pages[len(pages) - 1]
+    fh.seek(last.offset)
+    (ntags,) = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))
+    fh.seek(last.offset + fmt.tagnosize + ntags * fmt.tagsize)
+    raw = fh.read(fmt.offsetsize)
+    if len(raw) < fmt.offsetsize or struct.unpack(fmt.offsetformat, raw)[0] != 0:
+        raise InputError(
+            f"cannot read {path}: truncated TIFF (the chain of pages breaks after page"
+            f" {len(pages) - 1}) — it may still be being written; wait and retry, or re-export it"
+        )
+
+
+def decode_page(tif: tifffile.TiffFile, index: int, path: Path) -> np.ndarray:
+    """Decode page ``index`` fully and check it has the shape its header announces."""
+    page = tif.pages[index]
+    try:
+        array = page.asarray()
+    except Exception as exc:  # noqa: BLE001 - codec errors have no common base class
+        raise InputError(
+            f"cannot decode {path} (page {index}): {exc} — the file is truncated or corrupt;"
+            " wait and retry, or re-export it"
+        ) from None
+    if array.shape != tuple(page.shape):
+        raise InputError(
+            f"cannot decode {path} (page {index}): got {array.shape} pixels, expected"
+            f" {tuple(page.shape)} — the file is truncated or corrupt; re-export it"
+        )
+    return array
+
+
+def check_grey(page: Any, path: Path, *, allow_float: bool = False) -> np.dtype:
+    """Raise :class:`InputError` unless ``page`` is one grey channel of a supported dtype."""
+    if page.samplesperpixel != 1 or len(page.shape) != 2:
+        raise InputError(
+            f"cannot use {path}: its pages are {tuple(page.shape)} with {page.samplesperpixel}"
+            " samples per pixel (RGB?), expected one grey channel — export grey-level slices"
+        )
+    if int(page.photometric) not in (0, 1):
+        raise InputError(
+            f"cannot use {path}: its pixels are colour-mapped (photometric"
+            f" {int(page.photometric)}), expected grey levels — export grey-level slices"
+        )
+    dtype = np.dtype(page.dtype)
+    allowed = DENOISABLE_DTYPES + ((np.dtype(np.float32),) if allow_float else ())
+    if dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise InputError(
+            f"cannot use {path}: pixel type {dtype} is not supported ({names} are) — convert the"
+            " data to 8 or 16 bit"
+        )
+    return dtype
+
+
+def read_slice(path: Path, databar: DatabarMode = "none", databar_rows: int = 0) -> SliceImage:
+    """Read one slice TIFF completely and split off its databar.
+
+    Parameters
+    ----------
+    path : Path
+        A single-page, single-channel uint8 or uint16 TIFF.
+    databar : {"none", "fei", "rows"}
+        ``"fei"``: the image is the top ``[Image] ResolutionY`` rows of the FEI metadata, the
+        rest is the databar. ``"rows"``: the bottom ``databar_rows`` rows are the databar.
+    databar_rows : int
+        Databar height for ``databar="rows"``.
+
+    Returns
+    -------
+    SliceImage
+
+    Raises
+    ------
+    InputError
+        Missing, not a TIFF, truncated, multi-page, RGB, unsupported dtype, or a databar that does
+        not fit the image.
+    """
+    path = Path(path)
+    check_databar_mode(databar)
+    with open_tiff(path) as tif:
+        return slice_from_tiff(tif, path, databar, databar_rows)
+
+
+def check_databar_mode(databar: str) -> None:
+    """Raise ValueError unless ``databar`` is one of the :data:`DatabarMode` values."""
+    if databar not in ("none", "fei", "rows"):
+        raise ValueError(f"databar must be 'none', 'fei' or 'rows', got {databar!r}")
+
+
+def slice_from_tiff(
+    tif: tifffile.TiffFile, path: Path, databar: str, databar_rows: int
+) -> SliceImage:
+    """The one slice of an opened (structure-checked) TIFF, its databar split off."""
+    if len(tif.pages) != 1:
+        raise InputError(
+            f"cannot use {path} as one slice: it has {len(tif.pages)} pages — the daemon"
+            " expects one slice per file; denoise stacks with the offline command"
+        )
+    page = tif.pages[0]
+    dtype = check_grey(page, path)
+    full = decode_page(tif, 0, path)
+    tags = kept_tags(tif, page)
+    fei = fei_metadata(page)
+    description = text_of(raw_tag(tif, page, 270)) if 270 in page.tags else None
+    height = _image_height(path, full.shape, databar, databar_rows, fei)
+    return SliceImage(
+        pixels=full[:height],
+        databar=full[height:] if height < full.shape[0] else None,
+        dtype=dtype,
+        full_shape=(int(full.shape[0]), int(full.shape[1])),
+        tags=tags,
+        fei=fei,
+        description=description,
+        byteorder=tif.byteorder,
+        photometric=int(page.photometric),
+    )
+
+
+def slice_is_complete(path: Path, data: bytes | None = None) -> tuple[bool, str]:
+    """Whether ``path`` is a whole slice TIFF that decodes fully, and why not.
+
+    ``data``: the file's bytes, when already read (nothing is read from disk then).
+
+    Returns
+    -------
+    tuple of (bool, str)
+        ``(True, "")`` or ``(False, reason)`` where reason is a one-line explanation.
+    """
+    try:
+        with open_tiff(Path(path), data) as tif:
+            for index in range(len(tif.pages)):
+                decode_page(tif, index, Path(path))
+    except InputError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def write_slice_atomic(
+    path: Path, image: SliceImage, denoised: np.ndarray, description: str
+) -> str:
+    """Write ``denoised`` above ``image``'s databar, with its metadata, atomically to ``path``.
+
+    Parameters
+    ----------
+    path : Path
+        Final file name; its folder must exist.
+    image : SliceImage
+        The slice as read by :func:`read_slice`.
+    denoised : numpy.ndarray
+        Denoised pixels, same shape and dtype as ``image.pixels`` (convert before: no float).
+    description : str
+        ASCII text (for example JSON) saying what was done; becomes the ImageDescription.
+
+    Returns
+    -------
+    str
+        sha256 of the written file.
+
+    Raises
+    ------
+    OutputError
+        The file cannot be written (disk full, permission denied, read-only, missing folder).
+    """
+    if denoised.dtype != image.dtype:
+        raise ValueError(f"denoised pixels are {denoised.dtype}, expected {image.dtype}")
+    if denoised.shape != image.pixels.shape:
+        raise ValueError(f"denoised pixels are {denoised.shape}, expected {image.pixels.shape}")
+    if image.databar is None:
+        full = denoised  # no databar: nothing to put together, no copy
+    else:
+        full = np.empty(image.full_shape, dtype=image.dtype)
+        full[: denoised.shape[0]] = denoised
+        full[denoised.shape[0] :] = image.databar
+    text = description.encode("ascii")
+    if image.description:
+        original = ORIGINAL_DESCRIPTION_MARKER + image.description
+        text += original.encode("utf-8", "surrogateescape")
+    extratags, resolution, unit = split_resolution(image.tags)
+
+    def render(fh: BinaryIO) -> None:
+        tifffile.imwrite(
+            fh,
+            full,
+            byteorder=image.byteorder,
+            photometric=image.photometric,
+            description=text,
+            metadata=None,
+            software=False,
+            datetime=False,
+            resolution=resolution,
+            resolutionunit=unit,
+            extratags=extratags,
+        )
+
+    hint = "the slice stays pending and will be retried"
+    return atomic_write(path, render, hint)
+
+
+def write_stack(path: Path, array: np.ndarray, description: str | None = None) -> str:
+    """Write a 3-D (z, y, x) array as a multi-page TIFF, atomically; return its sha256.
+
+    Raises
+    ------
+    OutputError
+        The file cannot be written.
+    """
+    if array.ndim != 3:
+        raise ValueError(f"write_stack needs a 3-D (z, y, x) array, got shape {array.shape}")
+
+    def render(fh: BinaryIO) -> None:
+        tifffile.imwrite(
+            fh,
+            array,
+            description=description,
+            metadata=None,
+            photometric="minisblack",
+            bigtiff=array.nbytes > 2**32 - 2**25,
+        )
+
+    return atomic_write(path, render, "nothing was written; run the command again")
+
+
+def _image_height(
+    path: Path, shape: tuple[int, ...], mode: str, rows: int, fei: dict[str, Any] | None
+) -> int:
+    height = int(shape[0])
+    if mode == "none":
+        return height
+    if mode == "rows":
+        if not 0 <= rows < height:
+            raise InputError(
+                f"cannot split the databar of {path}: {rows} databar rows do not fit an image of"
+                f" {height} rows — set databar_rows between 0 and {height - 1}"
+            )
+        return height - rows
+    image = (fei or {}).get("Image", {})
+    res_y = image.get("ResolutionY") if isinstance(image, dict) else None
+    if not isinstance(res_y, int) or res_y <= 0:
+        raise InputError(
+            f"cannot split the databar of {path}: no FEI metadata with [Image] ResolutionY (tag"
+            " 34682/34680) — use databar='rows' with the databar height, or databar='none'"
+        )
+    if res_y > height:
+        raise InputError(
+            f"cannot split the databar of {path}: FEI ResolutionY={res_y} but the image has only"
+            f" {height} rows — the metadata does not match; use databar='rows' or 'none'"
+        )
+    return res_y
+
+
+__all__ = [
+    "KEPT_TAGS",
+    "ORIGINAL_DESCRIPTION_MARKER",
+    "SEM_TAGS",
+    "DatabarMode",
+    "SliceImage",
+    "TagTuple",
+    "atomic_write",
+    "check_databar_mode",
+    "read_slice",
+    "safe_join",
+    "sha256_file",
+    "slice_from_tiff",
+    "slice_is_complete",
+    "split_description",
+    "write_slice_atomic",
+    "write_stack",
+]

@@ -1,0 +1,1 @@
+"""Stand-ins for the real world: a microscope that writes slices, an EM phantom, paper noise."""

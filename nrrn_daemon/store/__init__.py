@@ -1,0 +1,1 @@
+"""The provenance store: SQLAlchemy tables, the one writer, read-side reports."""

@@ -1,0 +1,1 @@
+"""Watching the microscope's output folder: observers, listing, settle and decode check."""
