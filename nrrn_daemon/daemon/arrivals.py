@@ -22,7 +22,7 @@ import tifffile
 from nrrn_daemon.config.profiles import Profile
 from nrrn_daemon.daemon.slicecache import SliceCache
 from nrrn_daemon.errors import InputError
-from nrrn_daemon.imaging.tiff import sha256_file
+from nrrn_daemon.files import sha256_file
 from nrrn_daemon.slices import NameRejected, SliceRef, parse_slice
 from nrrn_daemon.states import InputRole, OutputReason, SliceState
 from nrrn_daemon.store.store import Store
@@ -188,7 +188,7 @@ class Arrivals:
         and to ``mark_known`` (the watcher's), so they are not reported again."""
         for row, mode in self.store.denoised_slices(self.dataset_id):
             path = Path(row.path)
-            if path.exists() and _unchanged(path, row):
+            if path.exists() and row.unchanged(*_size_mtime(path)):
                 ref = self.parse(path)
                 if isinstance(ref, SliceRef):
                     self.grouper.add_done(ref, mode)
@@ -235,6 +235,6 @@ def _misfit(kind: Kind, expected: Kind) -> str:
     )
 
 
-def _unchanged(path: Path, row: Any) -> bool:
+def _size_mtime(path: Path) -> tuple[int, float]:
     st = path.stat()
-    return st.st_size == row.size and abs(st.st_mtime - row.mtime) < 1e-3
+    return st.st_size, st.st_mtime

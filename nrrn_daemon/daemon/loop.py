@@ -50,10 +50,11 @@ from nrrn_daemon.daemon.pipeline import CACHE_SLICES, MAX_AHEAD, Done, Job, Pipe
 from nrrn_daemon.daemon.recording import record_unit
 from nrrn_daemon.daemon.serving import Serving
 from nrrn_daemon.daemon.slicecache import SliceCache, read_unhashed
-from nrrn_daemon.daemon.units import ModelInfo, OutputRecord
+from nrrn_daemon.daemon.units import OutputRecord
 from nrrn_daemon.errors import Abandoned, InputError, NRRNError, OutputError
 from nrrn_daemon.finetune.runner import FinetuneRunner
 from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.slices import SliceRef
 from nrrn_daemon.states import OutputReason, SliceState
 from nrrn_daemon.store.store import Store

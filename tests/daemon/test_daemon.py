@@ -18,7 +18,6 @@ from nrrn_daemon import files
 from nrrn_daemon.config.loading import load_profile
 from nrrn_daemon.daemon import loop as daemon_mod
 from nrrn_daemon.daemon.loop import Daemon
-from nrrn_daemon.imaging import tiff as imageio
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.sim.microscope import Microscope, encode_tiff, write_slowly
 from nrrn_daemon.store.store import Store
@@ -133,7 +132,7 @@ def test_acquisition_end_to_end(tmp_path, tiny_checkpoint, volume, observer):
         out = tifffile.imread(rec["path"])
         assert out.shape == volume[k].shape and out.dtype == np.uint8
         assert Path(rec["path"]).parent == tmp_path / "out"
-        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
+        assert files.sha256_file(Path(rec["path"])) == rec["sha"]
     # The raw folder was only read.
     assert tree_state(tmp_path / "raw") == raw_before
     assert sorted(raw_before) == [NAME.format(k) for k in range(len(volume))]
@@ -273,7 +272,7 @@ def test_full_disk_keeps_the_slice_pending_and_retries(
     assert len(outs) == 3  # nothing lost: each slice once, each file whole and as recorded
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(outs)
     for rec in outs.values():
-        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
+        assert files.sha256_file(Path(rec["path"])) == rec["sha"]
 
 
 def test_status_reads_while_the_daemon_runs(tmp_path, tiny_checkpoint, volume):
