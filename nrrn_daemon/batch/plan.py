@@ -26,7 +26,7 @@ import numpy as np
 
 from nrrn_daemon.batch.tasks import JobSpec, SliceSource, SliceTask
 from nrrn_daemon.config.loading import load_profile
-from nrrn_daemon.config.profiles import Profile
+from nrrn_daemon.config.profiles import ModelSettings, Profile
 from nrrn_daemon.errors import InputError, NRRNError, OutputError
 from nrrn_daemon.files import safe_join
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
@@ -141,16 +141,15 @@ def plan_reprocess(
         profile_name=known["profile_name"] if known else (profile.name if profile else REASON),
     )  # fmt: skip
     model_id = record_checkpoint(store, ckpt_path, ckpt, dataset_id)
+    settings = profile.model if profile else ModelSettings()  # the defaults live there, once
     job = JobSpec(
         checkpoint=str(ckpt_path), checkpoint_sha256=ckpt.content_sha256,
         model_label=store.model_label(model_id),
-        device=device or (profile.model.device if profile else "auto"),
-        tile=tile or (profile.model.tile if profile else 512),
-        tile_batch=profile.model.tile_batch if profile else None,
+        device=device or settings.device, tile=tile or settings.tile,
+        tile_batch=settings.tile_batch,
         databar=databar, databar_rows=databar_rows,
         zarr=str(Path(zarr).absolute()) if zarr is not None else None,
-        precision=profile.model.precision if profile else "auto",
-        compile=profile.model.compile if profile else "auto",
+        precision=settings.precision, compile=settings.compile,
     )  # fmt: skip
     rows = {r.path: r for r in store.slices_in_state(dataset_id, list(SliceState))}
     done = store.current_outputs(dataset_id)
