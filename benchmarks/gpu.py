@@ -270,13 +270,13 @@ def matmul_tflops(device: str, n: int) -> float:
 def conv_flops_per_pixel(config: NRRNConfig, neighbours: int = 2) -> float:
     """FLOPs of the network's convolutions per window pixel (a multiply-add is 2), counted.
 
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on a 64×64 window on the CPU: every
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on a 64×64 window (meta tensors): every
     convolution is 3×3 with padding 1, so its cost is proportional to the window's pixels.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = NRRN.from_config(config).eval()
-    x = torch.zeros(1, 1, 64, 64)
+    model = NRRN.from_config(config).eval().to("meta")  # shapes only: nothing is computed
+    x = torch.zeros(1, 1, 64, 64, device="meta")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x, *([x] * neighbours))
