@@ -535,8 +535,16 @@ def live_latency(sizes: Sizes, root: Path, checkpoint: str) -> dict[str, Any]:
             chunks=1,
         )
         scope.start()
-        reason = daemon.work()
-        scope.stop()
+        # Never wait forever (a fine-tune that does not start, a slice lost): stop and say so.
+        limit_s = 3 * n * sizes.latency_interval_s + 120
+        watchdog = threading.Timer(limit_s, daemon.request_stop, (f"no result in {limit_s} s",))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            reason = daemon.work()
+        finally:
+            watchdog.cancel()
+            scope.stop()
     ratio = statistics.median(busy) / statistics.median(idle) if busy and idle else None
     return {
         "size": sizes.latency_size,
@@ -577,9 +585,25 @@ def attempt(report: dict[str, Any], key: str, what: str, fn: Any) -> Any:
             {"part": key, "what": what, "error": f"{type(exc).__name__}: {line}"}
         )
         print(f"[gpu.py]   FAILED: {type(exc).__name__}: {line}", flush=True)
-        return None
-    print(f"[gpu.py]   done in {time.perf_counter() - t0:.1f} s", flush=True)
+        result = None
+    else:
+        print(f"[gpu.py]   done in {time.perf_counter() - t0:.1f} s", flush=True)
+    save(report, partial=True)
     return result
+
+
+def save(report: dict[str, Any], partial: bool = False) -> str:
+    """Write gpu.json and gpu.md into ``report["out"]`` (after every part: a run stopped by a
+    time limit keeps what it measured); returns the markdown."""
+    report["wall_s"] = round(time.perf_counter() - report["started"], 1)
+    report["complete"] = not partial
+    report["targets"] = judge(report)
+    out = Path(report["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(report)
+    (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "gpu.md").write_text(text)
+    return text
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -603,6 +627,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     peak = datasheet_peak(info.get("gpu"), args.peak_tflops)
     report: dict[str, Any] = {
+        "out": str(args.out),
+        "started": start,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "dry_run": args.dry_run,
         "machine": info,
@@ -686,8 +712,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["finetune"] = (report["finetune"] or []) + (compiled or [])
         elif not args.dry_run:
             report["not_run"].append("fine-tune steps/s, compiled (time budget)")
-    report["wall_s"] = round(time.perf_counter() - start, 1)
-    report["targets"] = judge(report)
     return report
 
 
@@ -762,13 +786,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"cuDNN {m['cudnn']} (TF32 convolutions: {m['tf32_convolutions']}); wall "
         f"{report['wall_s']} s.",
         f"Ceilings: datasheet dense bf16 {report['datasheet_bf16_tflops'] or 'unknown'} TFLOP/s; "
-        f"measured matrix product {report['matmul_tflops']} TFLOP/s.",
+        f"measured matrix product {report.get('matmul_tflops')} TFLOP/s.",
         "Models: "
         + "; ".join(
             f"{k} = {v['blocks']} BU × {v['features']} ch, "
             f"{v['conv_flop_per_pixel'] / 1e6:.2f} MFLOP/px (convolutions, "
             "triplet)"
-            for k, v in report["models"].items()
+            for k, v in report.get("models", {}).items()
         ),
         "",
         f"Triplet {report['slice']} uint8, median of the timed runs; s per slice = read + "
@@ -817,6 +841,8 @@ def markdown(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         met = {True: "yes", False: "**no**", None: f"not judged ({t.get('why')})"}[t["met"]]
         lines.append(f"| {t['target']} | {t['value']} | {t.get('setting', '')} | {met} |")
+    if not report.get("complete"):
+        lines += ["", "**Partial: written after each part; the run had not ended yet.**"]
     if report["not_run"]:
         lines += ["", "Not run: " + "; ".join(report["not_run"]) + "."]
     if report["failures"]:
@@ -857,10 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
-    text = markdown(report)
-    (args.out / "gpu.md").write_text(text)
+    text = save(report)
     print(text)
     print(f"[gpu.py] wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}", flush=True)
     alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
