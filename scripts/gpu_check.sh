@@ -3,6 +3,9 @@
 # own files, run the `cuda` tests, then benchmarks/gpu.py, and leave every result in one folder.
 #
 #   scripts/gpu_check.sh [RESULTS_DIR]        (default: gpu-results/ in the repository)
+#   scripts/gpu_check.sh --download-wheels DIR [PYTHON_VERSION]
+#       beforehand, on a machine with network: the wheels of every dependency but torch, for
+#       Linux x86-64 and PYTHON_VERSION (default 3.12), into DIR; then NRRN_WHEELS=DIR there.
 #
 # Environment:
 #   PYTHON        the interpreter to start from (default python3). If it already has a CUDA
@@ -22,6 +25,19 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
+if [ "${1:-}" = "--download-wheels" ]; then
+    dir=${2:?"usage: $0 --download-wheels DIR [PYTHON_VERSION]"}
+    mapfile -t reqs < <(python3 -c 'import tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print("\n".join(d for d in deps if not d.startswith("torch")))')
+    platforms=()
+    for p in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+        manylinux_2_5_x86_64 manylinux1_x86_64 linux_x86_64 any; do
+        platforms+=(--platform "$p")
+    done
+    exec python3 -m pip download -d "$dir" --only-binary=:all: --python-version "${3:-3.12}" \
+        "${platforms[@]}" "${reqs[@]}" pytest setuptools wheel
+fi
 RESULTS=$(realpath -m "${1:-gpu-results}")
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
