@@ -70,11 +70,7 @@ def test_the_flops_are_those_of_the_networks_convolutions(dry_run) -> None:
         expected = conv_flops_per_pixel(model["blocks"], model["features"])
         assert model["conv_flop_per_pixel"] == expected
     # The shapes the GPU run measures: the paper's 4 × 64 and the base's 4 × 32.
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gpu
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    gpu = import_gpu()
     for blocks, features in ((4, 64), (4, 32), (5, 16)):
         counted = gpu.conv_flops_per_pixel(NRRNConfig(blocks, features))
         assert counted == conv_flops_per_pixel(blocks, features), (blocks, features)
@@ -86,6 +82,53 @@ def test_the_markdown_says_it_is_a_dry_run_and_names_every_part(dry_run) -> None
     assert "dry run on the CPU: the numbers mean nothing" in text
     for part in ("| setting |", "Daemon overhead", "Fine-tune", "Live latency", "| target |"):
         assert part in text, part
+
+
+def import_gpu():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return gpu
+
+
+@pytest.mark.parametrize(
+    ("gpu_name", "denoise_s", "fraction", "met"),
+    [
+        ("NVIDIA H100 80GB HBM3", 0.42, 0.45, (True, True)),
+        ("NVIDIA H200", 0.61, 0.31, (False, False)),
+        ("NVIDIA RTX A6000", 0.9, 0.5, (None, None)),  # not H100 class: reported, not judged
+    ],
+)
+def test_the_targets_are_judged_on_an_h100_class_gpu_only(
+    dry_run, gpu_name, denoise_s, fraction, met
+) -> None:
+    """The verdicts of a GPU run, from the dry run's report made to look like one."""
+    gpu = import_gpu()
+    report = json.loads(json.dumps(dry_run[0]))
+    report.update(dry_run=False, datasheet_bf16_tflops=gpu.datasheet_peak(gpu_name, None))
+    report["machine"].update(gpu=gpu_name, driver="580.0", gpu_memory_gib=80.0)
+    for row in report["rows"]:
+        row.update(precision_used="bf16", denoise_s=denoise_s, fraction_of_peak=fraction,
+                   peak_gpu_gib=12.5)  # fmt: skip
+    targets = {t["target"]: t["met"] for t in gpu.judge(report)}
+    assert targets["4 BU × 64 triplet < 0.5 s (denoise, H100 class)"] is met[0]
+    assert targets["≥ 40 % of dense bf16 peak (model)"] is met[1]
+    report["targets"] = gpu.judge(report)
+    text = gpu.markdown(report)
+    assert gpu_name in text and f"{100 * fraction:.0f} %" in text and "12.5" in text
+
+
+def test_the_datasheet_table_tells_similar_names_apart() -> None:
+    gpu = import_gpu()
+    assert gpu.datasheet_peak("NVIDIA H100 PCIe", None) == 756.0
+    assert gpu.datasheet_peak("NVIDIA A100-SXM4-80GB", None) == 312.0
+    assert gpu.datasheet_peak("NVIDIA A10", None) == 125.0
+    assert gpu.datasheet_peak("NVIDIA L4", None) == 121.0
+    assert gpu.datasheet_peak("NVIDIA L40S", None) == 362.1
+    assert gpu.datasheet_peak("Some Future GPU", None) is None
+    assert gpu.datasheet_peak("Some Future GPU", 500.0) == 500.0
 
 
 def test_without_a_gpu_the_real_run_says_so_in_one_line(tmp_path: Path) -> None:
