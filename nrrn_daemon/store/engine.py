@@ -27,7 +27,7 @@ from sqlalchemy.pool import QueuePool
 
 from nrrn_daemon import __version__
 from nrrn_daemon.errors import StoreError
-from nrrn_daemon.store.tables import SCHEMA_VERSION, Base, Meta
+from nrrn_daemon.store.tables import ADDED_TABLES, SCHEMA_VERSION, Base, Meta
 
 BUSY_TIMEOUT_MS = 5000
 """How long a connection waits for a lock before failing (``PRAGMA busy_timeout``)."""
@@ -89,6 +89,9 @@ def open_schema(session: Session, path: Path, readonly: bool) -> None:
     found = session.get(Meta, "schema_version")
     version = found.value if found is not None else "missing"
     if version == str(SCHEMA_VERSION):
+        missing = [t for t in ADDED_TABLES if t.name not in tables]
+        if missing and not readonly:  # a database of an earlier release: add, never alter
+            Base.metadata.create_all(session.connection(), tables=missing)
         return
     if version.isdigit() and int(version) > SCHEMA_VERSION:
         advice = "it was written by a newer nrrn-daemon: upgrade nrrn-daemon or pass another --db"
