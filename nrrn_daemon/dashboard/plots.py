@@ -46,17 +46,13 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values covering ``[lo, hi]`` (steps of 1, 2 or 5 × 10^k)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return [0.0]
-    if hi <= lo:
+    if hi - lo < 1e-9 * max(1.0, abs(lo), abs(hi)):  # one value (or a rounding's worth)
         hi = lo + 1.0
     raw = (hi - lo) / max(1, count)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 10))
-        t += step
-    return ticks
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [round(k * step, 10) for k in range(first, last + 1)]
 
 
 def _label(value: float, time_x: bool) -> str:
@@ -126,15 +122,14 @@ def line_plot(plot: Plot) -> str:
     return "".join(out)
 
 
-def rate_series(times: Sequence[float], bins: int = 30) -> list[list[float]]:
-    """Outputs per hour over time: ``times`` counted in ``bins`` equal spans, at each centre."""
-    if len(times) < 2:
-        return []
-    lo, hi = min(times), max(times)
-    if hi <= lo:
-        return []
-    width = (hi - lo) / bins
-    counts = [0] * bins
-    for t in times:
-        counts[min(bins - 1, int((t - lo) / width))] += 1
-    return [[lo + (k + 0.5) * width, c * 3600.0 / width] for k, c in enumerate(counts)]
+def rate_series(times: Sequence[float], window: int = 10) -> list[list[float]]:
+    """Outputs per hour over time: at each output, the rate over the last ``window`` of them
+    (fewer at the start), ``(n - 1) / (t_last - t_first)``."""
+    times = sorted(times)
+    out = []
+    for k in range(1, len(times)):
+        first = max(0, k - window + 1)
+        span = times[k] - times[first]
+        if span > 0:
+            out.append([times[k], (k - first) * 3600.0 / span])
+    return out

@@ -1,6 +1,6 @@
 """A real run to look at: the microscope fixture writes FIB-25 slices into a real folder, a real
-daemon (the shipped base NRRN on the CPU) denoises them into a real SQLite file, and one slice of the wrong
-size fails with its reason."""
+daemon (the shipped base NRRN on the CPU) denoises them into a real SQLite file, and one slice of
+the wrong size fails with its reason."""
 
 from __future__ import annotations
 

@@ -204,7 +204,8 @@ def test_a_symlink_out_of_the_watch_folder_is_refused(tmp_path, finished_run, ds
         con = sqlite3.connect(db)
         con.execute(
             'INSERT INTO slices (dataset_id, path, name, "index", size, mtime, sha256, state, '
-            "first_seen_at, updated_at) VALUES (1, ?, 'slice_0099.tif', 99, 1, 1, '', 'ready', 1, 1)",
+            "first_seen_at, updated_at) "
+            "VALUES (1, ?, 'slice_0099.tif', 99, 1, 1, '', 'ready', 1, 1)",
             (str(link),),
         )
         con.commit()

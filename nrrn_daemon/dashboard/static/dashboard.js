@@ -183,6 +183,11 @@
 
   // zoom and pan, the two panes together
   function setupViewer() {
+    for (const img of [el("img-raw"), el("img-den")]) {
+      img.addEventListener("load", () => {
+        img.parentElement.style.aspectRatio = `${img.naturalWidth} / ${img.naturalHeight}`;
+      });
+    }
     let scale = 1, tx = 0, ty = 0, drag = null;
     const imgs = [el("img-raw"), el("img-den")];
     const apply = () => { for (const i of imgs) i.style.transform =
