@@ -3,8 +3,9 @@
 Used once to make ``tests/store/data/release-dc0de7c.sqlite``, the database of the release before
 the ``output_quality`` table, so a test can check that databases of that release keep working::
 
-    git archive dc0de7c nrrn_daemon | tar -x -C /tmp/release
-    PYTHONPATH=/tmp/release python scripts/make_release_db.py tests/store/data/release-dc0de7c.sqlite
+    mkdir /tmp/release && git archive dc0de7c nrrn_daemon | tar -x -C /tmp/release
+    PYTHONPATH=/tmp/release python scripts/make_release_db.py \
+        tests/store/data/release-dc0de7c.sqlite
 """
 
 from __future__ import annotations

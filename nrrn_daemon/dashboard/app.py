@@ -258,6 +258,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/datasets/{name:path}", _guard(api_overview)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:

@@ -5,6 +5,8 @@ the wrong size fails with its reason."""
 from __future__ import annotations
 
 import hashlib
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,24 @@ SHAPE = (96, 128)
 SLICES = 6
 MISFIT = 20
 """Index of the slice the fixture writes with the wrong size: it fails on arrival."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0, proc=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"dashboard exited: {proc.stdout.read()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def sha256(path: Path) -> str:

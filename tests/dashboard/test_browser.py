@@ -12,17 +12,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import MISFIT, NAME, SHAPE, fib25_noisy, run_profile
+from conftest import MISFIT, NAME, SHAPE, fib25_noisy, free_port, run_profile, wait_until
 from PIL import Image
 
 from nrrn_daemon.daemon.loop import Daemon
@@ -37,24 +35,6 @@ pytestmark = pytest.mark.skipif(
     reason="no headless Chromium here: install Debian's `chromium` and `chromium-driver` "
     "(`apt-get install -y chromium chromium-driver`; .ci/run does) to run the browser tests",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, what: str, timeout: float = 60.0, proc=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"dashboard exited: {proc.stdout.read()}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def get(url: str) -> tuple[int, bytes]:
