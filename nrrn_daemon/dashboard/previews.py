@@ -85,11 +85,24 @@ class Previews:
         self.databar: DatabarMode = databar
         self.databar_rows = databar_rows
         self._cache: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self._windows: OrderedDict[tuple[object, ...], tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def window(self, raw: Path) -> tuple[float, float]:
-        """The display window taken from the raw slice at ``raw``."""
-        return window_of(read_slice(raw, self.databar, self.databar_rows).pixels)
+    def window(self, raw: Path, pixels: np.ndarray | None = None) -> tuple[float, float]:
+        """The display window of the raw slice at ``raw`` (cached; ``pixels`` if already read)."""
+        st = raw.stat()
+        key = (str(raw), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._windows:
+                return self._windows[key]
+        if pixels is None:
+            pixels = read_slice(raw, self.databar, self.databar_rows).pixels
+        window = window_of(pixels)
+        with self._lock:
+            self._windows[key] = window
+            while len(self._windows) > CACHE_ENTRIES:
+                self._windows.popitem(last=False)
+        return window
 
     def render(self, path: Path, window_from: Path) -> bytes:
         """The PNG preview of the slice at ``path``, windowed like the raw slice ``window_from``.
@@ -106,7 +119,7 @@ class Previews:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         image = read_slice(path, self.databar, self.databar_rows).pixels
-        window = window_of(image) if path == window_from else self.window(window_from)
+        window = self.window(window_from, image if path == window_from else None)
         png = to_png(shrink(image, self.max_px), window)
         with self._lock:
             self._cache[key] = png

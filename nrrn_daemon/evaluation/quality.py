@@ -10,8 +10,9 @@ For each denoised slice, with no clean image to compare against:
   window is measured on the input.
 
 Both are taken on the centre :data:`CROP` × :data:`CROP` px of the slice (the whole slice when it is
-smaller): a 24-Mpx slice costs the writer thread tens of ms, not seconds, and the measure follows
-the same pixels from slice to slice.
+smaller): 262,144 px are plenty for a MAD noise estimate, a 24-Mpx slice costs the writer thread
+about 0.1 s instead of seconds (BENCHMARKS.md §11), and the measure follows the same pixels from
+slice to slice.
 
 :func:`noise_jump` judges an input against the running level of its data set: a detector, beam or
 charging problem shows as a sudden rise of the input's noise. All functions are pure.
@@ -29,7 +30,7 @@ import numpy as np
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.evaluation.metrics import estimate_noise, find_flat_region, iqr_region
 
-CROP = 1024
+CROP = 512
 """Side (px) of the centred window the measures are taken on."""
 FLAT_SIZE = 64
 """Side (px) of the flat window whose IQR is recorded (small slices: a quarter of their side)."""

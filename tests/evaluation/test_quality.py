@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nrrn_daemon.errors import InputError
-from nrrn_daemon.evaluation.quality import JUMP_MIN_HISTORY, measure, noise_jump
+from nrrn_daemon.evaluation.quality import CROP, JUMP_MIN_HISTORY, measure, noise_jump
 
 
 def _noisy(clean: np.ndarray, sigma: float, seed: int) -> np.ndarray:
@@ -33,10 +33,15 @@ def test_noise_follows_the_detector_and_the_baseline_lowers_it(fib25):
 
 
 def test_the_window_is_the_centre_crop_of_a_large_slice(fib25):
-    big = np.tile(fib25[50], (6, 6))  # 1500 x 1500: measured on the centre 1024 x 1024
+    big = np.tile(fib25[50], (6, 6))  # 1500 x 1500: measured on the centre CROP x CROP
     q = measure(big, big)
     y0, y1, x0, x1 = q.flat_box
-    assert 238 <= y0 and y1 <= 238 + 1024 and 238 <= x0 and x1 <= 238 + 1024
+    first = (1500 - CROP) // 2
+    assert first <= y0 and y1 <= first + CROP and first <= x0 and x1 <= first + CROP
+    centre = big[first : first + CROP, first : first + CROP]
+    c = measure(centre, centre)  # the same pixels: the same numbers, the box shifted
+    assert (c.noise_in, c.iqr_in) == (q.noise_in, q.iqr_in)
+    assert [v + first for v in c.flat_box] == list(q.flat_box)
     assert q.noise_in == q.noise_out and q.iqr_in == q.iqr_out
 
 
