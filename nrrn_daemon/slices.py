@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from nrrn_daemon.config.profiles import Profile, WatchSettings
 
-__all__ = ["NameRejected", "RejectReason", "SliceParser", "SliceRef", "parse_slice"]
+__all__ = ["NameRejected", "RejectReason", "SliceParser", "SliceRef", "last_number", "parse_slice"]
+
+_LAST_INT = re.compile(r"(\d+)(?!.*\d)")
+
+
+def last_number(stem: str) -> int | None:
+    """The last integer in a file name's stem: how a folder of slices is ordered without a profile
+    (``denoise`` and ``reprocess``); None when the name has no digit."""
+    match = _LAST_INT.search(stem)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)

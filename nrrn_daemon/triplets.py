@@ -45,12 +45,14 @@ Restart
 from __future__ import annotations
 
 import bisect
+from collections.abc import Container
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.slices import SliceRef
+from nrrn_daemon.states import InputRole
 
 if TYPE_CHECKING:
     from nrrn_daemon.config.profiles import GroupingSettings
@@ -88,6 +90,36 @@ class Work:
     def index(self) -> int:
         """The centre slice's index."""
         return self.centre.index
+
+    @property
+    def roles(self) -> list[InputRole]:
+        """Centre first, then each neighbour's role (see :func:`input_role`)."""
+        return [InputRole.CENTRE, *(input_role(self.index, n.index) for n in self.neighbours)]
+
+
+def neighbour_indices(index: int, present: Container[int], inputs: int = 3) -> list[int]:
+    """The neighbours slice ``index`` is denoised with: the rule of the daemon, ``reprocess`` and
+    ``denoise`` alike.
+
+    With 3 inputs, ``index − 1`` and ``index + 1`` where present (a missing index is a gap: pair
+    mode, or single); with 2, one of them (the previous one first); with 1, none.
+    """
+    if inputs == 1:
+        return []
+    near = [j for j in (index - 1, index + 1) if j in present]
+    return near[:1] if inputs == 2 else near
+
+
+def input_role(centre: int, neighbour: int) -> InputRole:
+    """A neighbour's role: a scan of the same index, or the previous / next slice."""
+    if neighbour == centre:
+        return InputRole.SCAN
+    return InputRole.PREV if neighbour < centre else InputRole.NEXT
+
+
+def mode_for(neighbours: int) -> WorkMode:
+    """The adjacent mode of a slice with this many neighbours."""
+    return (WorkMode.SINGLE, WorkMode.PAIR, WorkMode.TRIPLET)[neighbours]
 
 
 class _IntervalSet:
@@ -264,7 +296,7 @@ class TripletGrouper:
             slot = self._slots[i]
             if self.mode == "adjacent":
                 neighbours = tuple(
-                    self._slots[j].refs[0] for j in (i - 1, i + 1) if j in self._slots
+                    self._slots[j].refs[0] for j in neighbour_indices(i, self._slots)
                 )
                 centre = slot.refs[0]
             else:

@@ -32,8 +32,8 @@ import tifffile
 import torch
 
 from nrrn_daemon.evaluation.metrics import psnr
+from nrrn_daemon.files import sha256_file
 from nrrn_daemon.finetune.training import TrainSettings, train
-from nrrn_daemon.imaging.tiff import sha256_file
 from nrrn_daemon.model.checkpoints import Checkpoint, save_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.model.devices import cpu_model

@@ -13,6 +13,7 @@ import torch
 import zarr
 from conftest import random_checkpoint
 
+from nrrn_daemon.config.loading import load_profile
 from nrrn_daemon.store.store import Store
 
 
@@ -87,3 +88,22 @@ def zarr_io_threads(tmp_path_factory):
         assert array[...].sum() == 64
         assert int(da.from_zarr(array).sum().compute(scheduler="threads")) == 64
         yield
+
+
+def make_profile(tmp_path: Path, ckpt: Path, **extra: object):
+    overrides = {
+        "watch.folder": str(tmp_path / "raw"),
+        "output.folder": str(tmp_path / "out"),
+        "store.database": str(tmp_path / "state" / "db.sqlite"),
+        "model.checkpoint": str(ckpt),
+        "model.device": "cpu",
+        "model.tile": 64,
+        "watch.settle_s": 0.2,
+        "watch.rescan_interval_s": 1.0,
+        "grouping.neighbour_wait_s": 1.0,
+        "watch.glob": "slice_*.tif",
+        "watch.index_regex": r"slice_(?P<index>\d+)\.tif$",
+    }
+    overrides.update({k: v for k, v in extra.items()})
+    (tmp_path / "raw").mkdir(parents=True, exist_ok=True)
+    return load_profile("demo", overrides=overrides)

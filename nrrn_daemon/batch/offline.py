@@ -16,18 +16,11 @@ import numpy as np
 
 from nrrn_daemon import __version__
 from nrrn_daemon.errors import InputError, OutputError
+from nrrn_daemon.files import safe_join
 from nrrn_daemon.imaging.stacks import Stack, read_stack
-from nrrn_daemon.imaging.tiff import read_slice, safe_join, write_slice_atomic, write_stack
+from nrrn_daemon.imaging.tiff import read_slice, write_slice_atomic, write_stack
 from nrrn_daemon.model.denoise import Denoiser
-
-
-def neighbour_indices(i: int, n: int, inputs: int) -> list[int]:
-    """Indices of the neighbours slice ``i`` of ``n`` is denoised with, for 1, 2 or 3 inputs."""
-    if inputs == 1 or n == 1:
-        return []
-    if inputs == 2:
-        return [i - 1] if i > 0 else [i + 1]
-    return [j for j in (i - 1, i + 1) if 0 <= j < n]
+from nrrn_daemon.triplets import neighbour_indices
 
 
 def denoise_stack(
@@ -77,7 +70,7 @@ def denoise_stack(
     for i in range(n):
         for old in [k for k in cache if k < i - 1]:
             del cache[old]
-        neighbours = neighbour_indices(i, n, inputs_per_estimate)
+        neighbours = neighbour_indices(i, range(n), inputs_per_estimate)
         if stack.source_kind == "files":
             centre = read_slice(stack.paths[i], databar, databar_rows)
             out = denoiser.denoise(centre.pixels, [pixels(j) for j in neighbours])

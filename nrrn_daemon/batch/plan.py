@@ -26,16 +26,19 @@ import numpy as np
 
 from nrrn_daemon.batch.tasks import JobSpec, SliceSource, SliceTask
 from nrrn_daemon.config.loading import load_profile
-from nrrn_daemon.config.profiles import Profile
-from nrrn_daemon.daemon.serving import record_model
-from nrrn_daemon.errors import InputError, NRRNError, OutputError, StoreError
+from nrrn_daemon.config.profiles import ModelSettings, Profile
+from nrrn_daemon.errors import InputError, NRRNError, OutputError
+from nrrn_daemon.files import safe_join
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
-from nrrn_daemon.imaging.stacks import _LAST_INT, _folder_slices, read_stack
-from nrrn_daemon.imaging.tiff import check_grey, open_tiff, read_slice, safe_join
+from nrrn_daemon.imaging.stacks import folder_slices, read_stack
+from nrrn_daemon.imaging.tiff import check_grey, open_tiff, read_slice
 from nrrn_daemon.imaging.voxels import VoxelSize, voxel_size_from_tiff
-from nrrn_daemon.model.checkpoints import BASE_CHECKPOINT, load_checkpoint
+from nrrn_daemon.model.checkpoints import load_checkpoint
+from nrrn_daemon.registry import find_checkpoint, record_checkpoint
+from nrrn_daemon.slices import last_number
 from nrrn_daemon.states import InputRole, SliceState
 from nrrn_daemon.store.store import SliceInfo, Store
+from nrrn_daemon.triplets import input_role, mode_for, neighbour_indices
 
 log = logging.getLogger("nrrn_daemon")
 
@@ -129,7 +132,7 @@ def plan_reprocess(
         volume.check_compatible(shape, dtype)
     elif zarr is not None and voxel_size is None:
         voxel_size = voxel_size_from_tiff(Path(sources[0].path))
-    ckpt_path = _find_checkpoint(store, known_id, model)
+    ckpt_path = find_checkpoint(store, known_id, model)
     ckpt = load_checkpoint(ckpt_path)
 
     name = known["name"] if known else str(source)
@@ -137,17 +140,16 @@ def plan_reprocess(
         name=name, watch_folder=str(source),
         profile_name=known["profile_name"] if known else (profile.name if profile else REASON),
     )  # fmt: skip
-    model_id = record_model(store, ckpt_path, ckpt, dataset_id)
+    model_id = record_checkpoint(store, ckpt_path, ckpt, dataset_id)
+    settings = profile.model if profile else ModelSettings()  # the defaults live there, once
     job = JobSpec(
         checkpoint=str(ckpt_path), checkpoint_sha256=ckpt.content_sha256,
         model_label=store.model_label(model_id),
-        device=device or (profile.model.device if profile else "auto"),
-        tile=tile or (profile.model.tile if profile else 512),
-        tile_batch=profile.model.tile_batch if profile else None,
+        device=device or settings.device, tile=tile or settings.tile,
+        tile_batch=settings.tile_batch,
         databar=databar, databar_rows=databar_rows,
         zarr=str(Path(zarr).absolute()) if zarr is not None else None,
-        precision=profile.model.precision if profile else "auto",
-        compile=profile.model.compile if profile else "auto",
+        precision=settings.precision, compile=settings.compile,
     )  # fmt: skip
     rows = {r.path: r for r in store.slices_in_state(dataset_id, list(SliceState))}
     done = store.current_outputs(dataset_id)
@@ -209,14 +211,13 @@ def _list_sources(source: Path, failed: set[str]) -> list[SliceSource]:
                         st.st_size, st.st_mtime)
             for i in range(pages)
         ]  # fmt: skip
-    paths = [p for p in _folder_slices(source) if str(p) not in failed]
+    paths = [p for p in folder_slices(source) if str(p) not in failed]
     if not paths:
         raise InputError(f"no slice of {source} can be reprocessed: every one failed")
     read_stack(paths if len(paths) > 1 else [source])  # checks every header: shape, dtype, size
     sources = []
     for p in paths:
-        match = _LAST_INT.search(p.stem)
-        index = int(match.group(1)) if match else 0
+        index = last_number(p.stem) or 0
         ps = p.stat()
         sources.append(SliceSource(index, p.name, str(p), None, str(p), ps.st_size, ps.st_mtime))
     return sources
@@ -250,33 +251,14 @@ def _tasks(
     base = min(by_index)
     tasks = []
     for s in sources:
-        near = [(by_index.get(s.index + d), role)
-                for d, role in ((-1, InputRole.PREV.value), (1, InputRole.NEXT.value))]  # fmt: skip
-        near = [(n, r) for n, r in near if n is not None]
-        mode = {2: "triplet", 1: "pair", 0: "single"}[len(near)]
+        near = [by_index[j] for j in neighbour_indices(s.index, by_index)]
+        mode = mode_for(len(near)).value
         tiff = str(safe_join(Path(output).absolute(), naming(s.name, s.index))) if output else None
         tasks.append(SliceTask(
-            z=s.index - base, centre=s, neighbours=tuple(n for n, _ in near),
-            roles=tuple(r for _, r in near), mode=mode, tiff=tiff,
+            z=s.index - base, centre=s, neighbours=tuple(near),
+            roles=tuple(input_role(s.index, n.index).value for n in near), mode=mode, tiff=tiff,
         ))  # fmt: skip
     return tasks
-
-
-def _find_checkpoint(store: Store, dataset_id: int | None, model: str | None) -> Path:
-    """The checkpoint file of ``model``: a file, a label / sha256 prefix / id in the store, or
-    (``None``) the data set's current model, else the base checkpoint. Reads only."""
-    if model is None:
-        current = store.current_model_path(dataset_id) if dataset_id is not None else None
-        path = Path(current) if current else BASE_CHECKPOINT
-    elif Path(model).expanduser().is_file():
-        path = Path(model)
-    else:
-        try:
-            found = store.find_model(-1 if dataset_id is None else dataset_id, model)
-        except StoreError as exc:
-            raise StoreError(f"{exc} — or give a checkpoint file") from None
-        path = Path(store.model_path(found))
-    return path.expanduser().absolute()
 
 
 def _is_done(
@@ -293,7 +275,7 @@ def _is_done(
     roles = (InputRole.CENTRE.value, *task.roles)
     for source, role in zip((task.centre, *task.neighbours), roles, strict=True):
         row = rows.get(source.key)
-        if row is None or row.sha256 is None or not _unchanged(source, row):
+        if row is None or row.sha256 is None or not row.unchanged(source.size, source.mtime):
             return False
         inputs.add((row.id, role, row.sha256))
     out = done.get(rows[task.centre.key].id)
@@ -309,10 +291,6 @@ def _is_done(
             return False
         return volume is not None and volume.has_slice(task.z)
     return True
-
-
-def _unchanged(source: SliceSource, row: SliceInfo) -> bool:
-    return row.size == source.size and abs(row.mtime - source.mtime) < 1e-3
 
 
 def _complete_tiff(path: str) -> bool:

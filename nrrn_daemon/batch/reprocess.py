@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nrrn_daemon.batch.plan import REASON, Plan, _unchanged, plan_reprocess
+from nrrn_daemon.batch.plan import REASON, Plan, plan_reprocess
 from nrrn_daemon.batch.tasks import PLUGIN_NAME, ModelCache, SliceResult, SliceTask, run_batch
 from nrrn_daemon.errors import NRRNError, OutputError
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
@@ -228,7 +228,7 @@ def _record(
     for source, role in zip((task.centre, *task.neighbours), roles, strict=True):
         sha = result.input_sha256[source.key]
         row = plan.rows.get(source.key)
-        if row is None or row.sha256 != sha or not _unchanged(source, row):
+        if row is None or row.sha256 != sha or not row.unchanged(source.size, source.mtime):
             keep = row is not None and row.state != SliceState.FAILED
             store.upsert_slice(
                 plan.dataset_id, path=source.key, name=source.name, index=source.index,

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from nrrn_daemon.config.profiles import ModelSettings
 from nrrn_daemon.errors import NRRNError
 
 console = Console()
@@ -71,6 +72,14 @@ class LossChoice(StrEnum):
     plain = "plain"
     eq3 = "eq3"
 
+
+_TILE = ModelSettings.model_fields["tile"]
+TILE_DEFAULT: int = _TILE.default
+"""``model.tile``'s default for the commands that take ``--tile`` (defined once: the profile)."""
+TILE_MAX: int = next(m.le for m in _TILE.metadata if hasattr(m, "le"))
+TILE_MIN = 32
+"""Offline commands also take tiles below a profile's minimum (64), for small test images."""
+TILE_HELP = f"Tile core size in pixels ({TILE_MIN}–{TILE_MAX})."
 
 PRECISION_HELP = "auto: bf16 where native (CUDA, CPUs with AVX512-BF16/AMX); float32 forces it."
 COMPILE_HELP = "torch.compile: auto (CUDA; CPU models ≥ 32 channels), on or off."

@@ -73,9 +73,9 @@ def finetune(
 ) -> None:
     """Fine-tune a data set's model once, by hand; promote it if it passes the gate."""
     from nrrn_daemon.config.loading import load_profile
-    from nrrn_daemon.daemon.serving import resolve_checkpoint
     from nrrn_daemon.finetune.run import begin, failed_result, record_result, run_finetune
     from nrrn_daemon.finetune.runner import job_for, pid_alive, request_file
+    from nrrn_daemon.registry import profile_checkpoint
     from nrrn_daemon.store.store import Store
 
     overrides = {"store.database": str(db)} if db is not None else None
@@ -95,7 +95,7 @@ def finetune(
     with Store(db_path) as store:
         store.close_dead_finetunes(pid_alive)
         name = _pick_dataset(list(store.dataset_ids()), dataset, prof.watch.folder)
-        parent, _ = resolve_checkpoint(prof, store, store.dataset_ids()[name])
+        parent = profile_checkpoint(prof.model.checkpoint, store, store.dataset_ids()[name])
         job = job_for(
             prof, db=db_path, dataset=name, parent=str(parent),
             models_dir=db_path.parent / "models", minutes=minutes, steps=steps,

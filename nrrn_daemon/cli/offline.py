@@ -13,6 +13,10 @@ from rich.table import Table
 from nrrn_daemon.cli.common import (
     COMPILE_HELP,
     PRECISION_HELP,
+    TILE_DEFAULT,
+    TILE_HELP,
+    TILE_MAX,
+    TILE_MIN,
     CompileChoice,
     DatabarChoice,
     DeviceChoice,
@@ -146,7 +150,7 @@ def denoise(
     inputs: Annotated[
         int, typer.Option(min=1, max=3, help="Slices per estimate: 3 triplet, 2 pair, 1 single.")
     ] = 3,
-    tile: Annotated[int, typer.Option(min=32, help="Tile core size in pixels.")] = 512,
+    tile: Annotated[int, typer.Option(min=TILE_MIN, max=TILE_MAX, help=TILE_HELP)] = TILE_DEFAULT,
     tile_batch: Annotated[
         int | None,
         typer.Option(min=1, help="Tiles per forward pass (default: 4 on CUDA, 1 on CPU)."),

@@ -13,6 +13,9 @@ from typing import Annotated
 import typer
 
 from nrrn_daemon.cli.common import (
+    TILE_HELP,
+    TILE_MAX,
+    TILE_MIN,
     DbOpt,
     DeviceChoice,
     configure_logging,
@@ -65,7 +68,10 @@ def reprocess(
     device: Annotated[
         DeviceChoice | None, typer.Option(help="Worker device (default: the profile's, or auto).")
     ] = None,
-    tile: Annotated[int | None, typer.Option(min=32, help="Tile core size in pixels.")] = None,
+    tile: Annotated[
+        int | None,
+        typer.Option(min=TILE_MIN, max=TILE_MAX, help=f"{TILE_HELP} Default: the profile's."),
+    ] = None,
     batch: Annotated[
         int, typer.Option(min=1, max=64, help="Consecutive slices per Dask task.")
     ] = 1,

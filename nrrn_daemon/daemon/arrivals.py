@@ -4,7 +4,7 @@ The daemon loop's side of the raw folder (only its thread calls in, so the store
 writer): for each file the watcher reports complete, :meth:`Arrivals.complete` parses its name,
 learns its sha256, shape and dtype (from the one read that loads it into the slice cache), skips
 a repeat of content already denoised, fails a slice whose size or bit depth is not the data
-set's, records the slice as ready and submits the units the grouper says are now ready (or, for
+set's, records the slice as ready and returns the units the grouper says are now ready (or, for
 new content under a name already denoised, a new version with the same neighbours as before).
 """
 
@@ -22,13 +22,16 @@ import tifffile
 from nrrn_daemon.config.profiles import Profile
 from nrrn_daemon.daemon.slicecache import SliceCache
 from nrrn_daemon.errors import InputError
-from nrrn_daemon.imaging.tiff import sha256_file
+from nrrn_daemon.files import sha256_file
 from nrrn_daemon.slices import NameRejected, SliceRef, parse_slice
 from nrrn_daemon.states import InputRole, OutputReason, SliceState
 from nrrn_daemon.store.store import Store
 from nrrn_daemon.triplets import TripletGrouper, Work, WorkMode
 
 log = logging.getLogger("nrrn_daemon")
+
+Ready = tuple[Work, OutputReason | None]
+"""A unit of work made ready, with the reason its output is recorded with (None: first/redo)."""
 
 Kind = tuple[tuple[int, ...], np.dtype]
 """A slice file's full shape (databar included) and dtype; one per data set."""
@@ -66,8 +69,6 @@ class Arrivals:
         Counters for the heartbeat (``seen``, ``failed``, ``recent_failures``).
     on_event
         The daemon's live-view callback.
-    submit
-        ``submit(work, reason)``: hand a unit to the pipeline (reason None: first / redo).
     """
 
     def __init__(
@@ -81,7 +82,6 @@ class Arrivals:
         cache: SliceCache | None,
         state: Counters,
         on_event: Callable[[str, dict[str, Any]], None],
-        submit: Callable[[Work, OutputReason | None], None],
     ) -> None:
         self.profile = profile
         self.store = store
@@ -91,22 +91,26 @@ class Arrivals:
         self.cache = cache
         self.state = state
         self.on_event = on_event
-        self.submit = submit
         self.kind: Kind | None = None  # the data set's, from its first slice
 
     def parse(self, path: Path) -> SliceRef | NameRejected | None:
         """The slice a path names, why it names none, or None when it is not ours."""
         return parse_slice(path, self.watch_folder, self.profile.watch, self.profile.grouping.mode)
 
-    def complete(self, path: Path, now: float) -> None:
-        """A file the watcher found complete (stable and decodable)."""
+    def complete(self, path: Path, now: float) -> list[Ready]:
+        """A file the watcher found complete (stable and decodable): the units it made ready.
+
+        Each comes with its reason: ``None`` for a first output (or a redo as a triplet),
+        :attr:`OutputReason.INPUT_CHANGED` for new content under a name already denoised. The
+        caller (the loop) hands them to the pipeline; nothing is submitted from here.
+        """
         ref = self.parse(path)
         if ref is None:  # not a slice of ours (the glob does not match)
-            return
+            return []
         if not isinstance(ref, SliceRef):
             log.warning("ignoring %s: %s", path.name, ref)
             self.fail(path, None, str(ref))
-            return
+            return []
         try:
             found = self._identify(path)
         except InputError as exc:
@@ -114,7 +118,7 @@ class Arrivals:
                 log.warning("%s disappeared before it could be read; skipped", path.name)
             else:
                 self.fail(path, ref, str(exc))
-            return
+            return []
         known = self.store.get_slice(self.dataset_id, str(path))
         if (
             known is not None
@@ -124,7 +128,7 @@ class Arrivals:
             # A repeat of a slice already processed (same content): not re-done.
             fallback = "repeat" if self.profile.grouping.mode == "repeat-scans" else "triplet"
             self.grouper.add_done(ref, self.store.current_mode(known.id) or fallback)
-            return
+            return []
         changed = known is not None and known.state == SliceState.DENOISED
         if self.kind is None:
             self.kind = found.kind
@@ -132,7 +136,7 @@ class Arrivals:
             if self.cache is not None:
                 self.cache.forget(path)
             self.fail(path, ref, _misfit(found.kind, self.kind))
-            return
+            return []
         self.store.upsert_slice(
             self.dataset_id, path=str(path), name=path.name, index=ref.index, scan=ref.scan,
             size=found.size, mtime=found.mtime, sha256=found.sha256, state=SliceState.READY,
@@ -143,10 +147,8 @@ class Arrivals:
         if changed:
             # New content under a name already denoised: a new output version, same neighbours.
             log.warning("%s changed on disk since it was denoised: denoising it again", path.name)
-            self.submit(self.same_inputs_as_before(ref), OutputReason.INPUT_CHANGED)
-            return
-        for item in self.grouper.add(ref, now):
-            self.submit(item, None)
+            return [(self.same_inputs_as_before(ref), OutputReason.INPUT_CHANGED)]
+        return [(item, None) for item in self.grouper.add(ref, now)]
 
     def failed_on_arrival(self, path: Path, why: str) -> None:
         """A file the watcher gave up on (stable but undecodable)."""
@@ -188,7 +190,7 @@ class Arrivals:
         and to ``mark_known`` (the watcher's), so they are not reported again."""
         for row, mode in self.store.denoised_slices(self.dataset_id):
             path = Path(row.path)
-            if path.exists() and _unchanged(path, row):
+            if path.exists() and row.unchanged(*_size_mtime(path)):
                 ref = self.parse(path)
                 if isinstance(ref, SliceRef):
                     self.grouper.add_done(ref, mode)
@@ -235,6 +237,6 @@ def _misfit(kind: Kind, expected: Kind) -> str:
     )
 
 
-def _unchanged(path: Path, row: Any) -> bool:
+def _size_mtime(path: Path) -> tuple[int, float]:
     st = path.stat()
-    return st.st_size == row.size and abs(st.st_mtime - row.mtime) < 1e-3
+    return st.st_size, st.st_mtime

@@ -50,10 +50,11 @@ from nrrn_daemon.daemon.pipeline import CACHE_SLICES, MAX_AHEAD, Done, Job, Pipe
 from nrrn_daemon.daemon.recording import record_unit
 from nrrn_daemon.daemon.serving import Serving
 from nrrn_daemon.daemon.slicecache import SliceCache, read_unhashed
-from nrrn_daemon.daemon.units import ModelInfo, OutputRecord
+from nrrn_daemon.daemon.units import OutputRecord
 from nrrn_daemon.errors import Abandoned, InputError, NRRNError, OutputError
 from nrrn_daemon.finetune.runner import FinetuneRunner
 from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.slices import SliceRef
 from nrrn_daemon.states import OutputReason, SliceState
 from nrrn_daemon.store.store import Store
@@ -181,7 +182,6 @@ class Daemon:
             profile=profile, store=store, dataset_id=self.dataset_id,
             watch_folder=self.watch_folder, grouper=self.grouper,
             cache=self.cache if overlap else None, state=self.state, on_event=self.on_event,
-            submit=self._submit,
         )  # fmt: skip
 
     # -- control ---------------------------------------------------------------------------
@@ -287,12 +287,15 @@ class Daemon:
             path = self._arrived.popleft()
             busy = True
             try:
-                self.arrivals.complete(path, now)
+                ready = self.arrivals.complete(path, now)
             except (OSError, InputError) as exc:  # gone or unreadable since found complete
                 if path.exists():
                     self.arrivals.fail(path, None, f"cannot read it: {exc}")
                 else:
                     log.warning("%s disappeared before it could be read; skipped", path.name)
+                continue
+            for item, reason in ready:
+                self._submit(item, reason)
         works = self.grouper.tick(now)
         while self._retry and self._retry[0][0] <= now:
             works.append(self._retry.popleft()[1])

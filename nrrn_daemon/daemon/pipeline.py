@@ -51,13 +51,13 @@ from nrrn_daemon.daemon.units import (
     Denoised,
     Inputs,
     Loader,
-    ModelInfo,
     OutputRecord,
     gather,
     run_model,
     write_output,
 )
 from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.states import OutputReason
 from nrrn_daemon.triplets import Work
 

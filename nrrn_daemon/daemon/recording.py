@@ -7,21 +7,11 @@ makes again and records then.
 
 from __future__ import annotations
 
-from nrrn_daemon.daemon.units import ModelInfo, OutputRecord
+from nrrn_daemon.daemon.units import OutputRecord
+from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.states import InputRole, OutputReason, SliceState
 from nrrn_daemon.store.store import Store
 from nrrn_daemon.triplets import Work
-
-
-def input_roles(work: Work) -> list[InputRole]:
-    """Centre first, then each neighbour: a scan of the same index, or the previous / next slice."""
-    roles = [InputRole.CENTRE]
-    for ref in work.neighbours:
-        if ref.index == work.centre.index:
-            roles.append(InputRole.SCAN)
-        else:
-            roles.append(InputRole.PREV if ref.index < work.centre.index else InputRole.NEXT)
-    return roles
 
 
 def record_unit(
@@ -42,7 +32,7 @@ def record_unit(
     """
     refs = [work.centre, *work.neighbours]
     rows = {r.path: store.get_slice(dataset_id, str(r.path)) for r in refs}
-    roles = input_roles(work)
+    roles = work.roles
     centre_row = rows[work.centre.path]
     assert centre_row is not None, "a slice reached the grouper without a store row"
     read = record.input_sha256 or [None] * len(refs)

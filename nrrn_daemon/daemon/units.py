@@ -30,24 +30,16 @@ from nrrn_daemon import __version__
 from nrrn_daemon.daemon.slicecache import LoadedSlice
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.evaluation.quality import Quality, measure
-from nrrn_daemon.imaging.tiff import SliceImage, safe_join, write_slice_atomic
+from nrrn_daemon.files import safe_join
+from nrrn_daemon.imaging.tiff import SliceImage, write_slice_atomic
 from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.triplets import Work
 
 log = logging.getLogger("nrrn_daemon")
 
 Loader = Callable[[Path], LoadedSlice]
 """``load(path)`` → the slice at ``path`` (a :meth:`SliceCache.load`, or :func:`read_unhashed`)."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The model in service, as provenance names it."""
-
-    label: str
-    sha256: str
-    path: str
-    store_id: int
 
 
 @dataclass

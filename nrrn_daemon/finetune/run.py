@@ -40,12 +40,14 @@ from typing import Any
 import numpy as np
 
 from nrrn_daemon.errors import InputError, NRRNError
+from nrrn_daemon.files import atomic_write
 from nrrn_daemon.finetune.promotion import judge
 from nrrn_daemon.finetune.training import TrainSettings, train
 from nrrn_daemon.finetune.validation import Triplet, validation_blocks
-from nrrn_daemon.imaging.tiff import DatabarMode, atomic_write, read_slice
-from nrrn_daemon.model.checkpoints import BASE_CHECKPOINT, load_checkpoint, save_checkpoint
-from nrrn_daemon.states import FinetuneStatus, ModelKind, SliceState
+from nrrn_daemon.imaging.tiff import DatabarMode, read_slice
+from nrrn_daemon.model.checkpoints import load_checkpoint, save_checkpoint
+from nrrn_daemon.registry import record_model
+from nrrn_daemon.states import FinetuneStatus, SliceState
 from nrrn_daemon.store.store import Store
 
 log = logging.getLogger("nrrn_daemon.finetune.run")
@@ -319,27 +321,15 @@ def failed_result(job: FinetuneJob, error: str) -> FinetuneResult:
 
 
 # -- recording (by the database's one writer) ---------------------------------------------------
-def _model_id(store: Store, path: str, ckpt_sha: str, config: dict[str, Any], **extra: Any) -> int:
-    base = Path(path).resolve() == BASE_CHECKPOINT.resolve()
-    return store.ensure_model(
-        sha256=ckpt_sha,
-        path=path,
-        label=extra.pop("label", None) or f"{'base' if base else 'model'}-{ckpt_sha[:12]}",
-        kind=ModelKind.BASE if base else ModelKind.FINETUNED,
-        config=config,
-        **extra,
-    )
-
-
 def begin(store: Store, job: FinetuneJob, pid: int, requested_by: str) -> int:
     """Record a fine-tune as running (with the parent model); return its id."""
     ids = store.dataset_ids()
     if job.dataset not in ids:
         raise InputError(f"no data set {job.dataset!r} in {store.path}")
     parent = load_checkpoint(Path(job.parent))
-    parent_id = _model_id(
-        store, job.parent, parent.content_sha256, parent.config.to_dict(),
-        parent_sha256=parent.summary.get("parent_sha256"),
+    parent_id = record_model(
+        store, job.parent, sha256=parent.content_sha256, config=parent.config.to_dict(),
+        dataset_id=None, parent_sha256=parent.summary.get("parent_sha256"),
     )  # fmt: skip
     summary = {"pid": pid, "host": socket.gethostname(), "requested_by": requested_by,
                "job": asdict(job)}  # fmt: skip
@@ -357,8 +347,9 @@ def record_result(store: Store, finetune_id: int, result: FinetuneResult) -> int
     dataset_id = store.dataset_ids()[result.dataset]
     candidate_id = None
     if result.candidate_path and result.candidate_sha256:
-        candidate_id = _model_id(
-            store, result.candidate_path, result.candidate_sha256, result.candidate_config or {},
+        candidate_id = record_model(
+            store, result.candidate_path, sha256=result.candidate_sha256,
+            config=result.candidate_config or {},
             label=f"ft-{result.candidate_sha256[:8]}", parent_sha256=result.parent_sha256,
             metrics={**result.candidate_metrics, "parent": result.parent_metrics,
                      "steps": result.steps, "seconds": result.seconds},

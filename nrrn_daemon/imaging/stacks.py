@@ -12,7 +12,6 @@ file without one make the order ambiguous and are refused rather than guessed.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,10 @@ import numpy as np
 
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.imaging.tiff import check_grey, decode_page, open_tiff
+from nrrn_daemon.slices import last_number
 
 SourceKind = Literal["multipage", "files"]
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
-_LAST_INT = re.compile(r"(\d+)(?!.*\d)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,7 +115,7 @@ def read_stack(inputs: Sequence[Path], *, allow_float: bool = False) -> Stack:
     if not paths:
         raise InputError("no input given — pass a multi-page TIFF, a folder of slices, or files")
     if len(paths) == 1 and paths[0].is_dir():
-        return _from_files(_folder_slices(paths[0]), paths[0].name, allow_float)
+        return _from_files(folder_slices(paths[0]), paths[0].name, allow_float)
     if len(paths) == 1:
         return _from_multipage(paths[0], allow_float)
     return _from_files(paths, paths[0].parent.name or paths[0].stem, allow_float)
@@ -184,7 +183,14 @@ def _from_files(paths: list[Path], stem: str, allow_float: bool) -> Stack:
     )
 
 
-def _folder_slices(folder: Path) -> list[Path]:
+def folder_slices(folder: Path) -> list[Path]:
+    """The TIFF slices of a folder, ordered by the last number in their names.
+
+    Raises
+    ------
+    InputError
+        No slice, a name without a number, or two slices with one number.
+    """
     files = sorted(
         p
         for p in folder.iterdir()
@@ -196,13 +202,12 @@ def _folder_slices(folder: Path) -> list[Path]:
         return files
     numbered: dict[int, Path] = {}
     for path in files:
-        match = _LAST_INT.search(path.stem)
-        if match is None:
+        number = last_number(path.stem)
+        if number is None:
             raise InputError(
                 f"cannot order the slices of {folder}: {path.name} has no number in its name —"
                 " move it out of the folder, or pass the slice files in order"
             )
-        number = int(match.group(1))
         if number in numbered:
             raise InputError(
                 f"cannot order the slices of {folder}: {numbered[number].name} and {path.name} both"

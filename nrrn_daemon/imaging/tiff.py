@@ -28,7 +28,7 @@ import numpy as np
 import tifffile
 
 from nrrn_daemon.errors import InputError
-from nrrn_daemon.files import atomic_write, safe_join, sha256_file
+from nrrn_daemon.files import atomic_write
 from nrrn_daemon.imaging.tiffmeta import (
     KEPT_TAGS,
     ORIGINAL_DESCRIPTION_MARKER,
@@ -397,11 +397,8 @@ __all__ = [
     "DatabarMode",
     "SliceImage",
     "TagTuple",
-    "atomic_write",
     "check_databar_mode",
     "read_slice",
-    "safe_join",
-    "sha256_file",
     "slice_from_tiff",
     "slice_is_complete",
     "split_description",

@@ -5,7 +5,7 @@ dicts, so it is read back with ``torch.load(weights_only=True)``: loading never 
 objects. Inside, ``content_sha256`` is the sha256 of the weights' bytes and the canonical JSON of
 everything else; loading recomputes it, so a corrupt or edited file is refused. (A file cannot hold
 the sha256 of its own bytes; provenance records that one separately, with
-:func:`nrrn_daemon.imaging.tiff.sha256_file`.) Writes are atomic: a temporary file in the same
+:func:`nrrn_daemon.files.sha256_file`.) Writes are atomic: a temporary file in the same
 folder, fsync, then rename, so a crash never leaves a half-written checkpoint under the final name.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nrrn_daemon.errors import CheckpointError, OutputError
-from nrrn_daemon.imaging.tiff import atomic_write
+from nrrn_daemon.files import atomic_write
 from nrrn_daemon.model.nrrn import NRRN, NRRNConfig
 
 FORMAT = "nrrn-daemon-checkpoint"

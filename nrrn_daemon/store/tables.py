@@ -224,6 +224,10 @@ ADDED_TABLES = (OutputQuality.__table__,)
 """Tables added since schema version 1 without a version bump: created on open when missing."""
 
 
+MTIME_TOLERANCE_S = 1e-3
+"""Two mtimes closer than this are the same (SQLite stores them as floats)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SliceInfo:
     """A ``slices`` row as plain data that outlives its session (see :class:`Slice`)."""
@@ -242,6 +246,12 @@ class SliceInfo:
     first_seen_at: float
     ready_at: float | None
     updated_at: float
+
+    def unchanged(self, size: int, mtime: float) -> bool:
+        """Whether a file of this size and mtime is still the one recorded (mtime to 1 ms, which
+        every file system the daemon watches keeps): the one "unchanged since recorded" test of
+        the daemon and ``reprocess``."""
+        return size == self.size and abs(mtime - self.mtime) < MTIME_TOLERANCE_S
 
     @classmethod
     def of(cls, row: Slice) -> SliceInfo:

@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 from nrrn_daemon.batch.offline import denoise_stack
 from nrrn_daemon.batch.reprocess import dask_cluster, plan_reprocess, run_plan
 from nrrn_daemon.cli.app import app
+from nrrn_daemon.files import sha256_file
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
-from nrrn_daemon.imaging.tiff import sha256_file
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.sim.noise import noisy_stack

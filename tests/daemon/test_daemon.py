@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from helpers import make_profile  # noqa: F401  (other test modules import it from here)
 
 from nrrn_daemon import files
-from nrrn_daemon.config.loading import load_profile
 from nrrn_daemon.daemon import loop as daemon_mod
 from nrrn_daemon.daemon.loop import Daemon
-from nrrn_daemon.imaging import tiff as imageio
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.sim.microscope import Microscope, encode_tiff, write_slowly
 from nrrn_daemon.store.store import Store
@@ -32,25 +31,6 @@ def volume() -> np.ndarray:
     base = rng.integers(40, 200, size=(1, 48, 40)).astype(np.float32)
     vol = np.repeat(base, 9, axis=0) + rng.normal(0, 12, size=(9, 48, 40))
     return np.clip(vol, 0, 255).astype(np.uint8)
-
-
-def make_profile(tmp_path: Path, ckpt: Path, **extra: object):
-    overrides = {
-        "watch.folder": str(tmp_path / "raw"),
-        "output.folder": str(tmp_path / "out"),
-        "store.database": str(tmp_path / "state" / "db.sqlite"),
-        "model.checkpoint": str(ckpt),
-        "model.device": "cpu",
-        "model.tile": 64,
-        "watch.settle_s": 0.2,
-        "watch.rescan_interval_s": 1.0,
-        "grouping.neighbour_wait_s": 1.0,
-        "watch.glob": "slice_*.tif",
-        "watch.index_regex": r"slice_(?P<index>\d+)\.tif$",
-    }
-    overrides.update({k: v for k, v in extra.items()})
-    (tmp_path / "raw").mkdir(parents=True, exist_ok=True)
-    return load_profile("demo", overrides=overrides)
 
 
 class Running:
@@ -133,7 +113,7 @@ def test_acquisition_end_to_end(tmp_path, tiny_checkpoint, volume, observer):
         out = tifffile.imread(rec["path"])
         assert out.shape == volume[k].shape and out.dtype == np.uint8
         assert Path(rec["path"]).parent == tmp_path / "out"
-        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
+        assert files.sha256_file(Path(rec["path"])) == rec["sha"]
     # The raw folder was only read.
     assert tree_state(tmp_path / "raw") == raw_before
     assert sorted(raw_before) == [NAME.format(k) for k in range(len(volume))]
@@ -273,7 +253,7 @@ def test_full_disk_keeps_the_slice_pending_and_retries(
     assert len(outs) == 3  # nothing lost: each slice once, each file whole and as recorded
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(outs)
     for rec in outs.values():
-        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
+        assert files.sha256_file(Path(rec["path"])) == rec["sha"]
 
 
 def test_status_reads_while_the_daemon_runs(tmp_path, tiny_checkpoint, volume):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import random_checkpoint
 
-from nrrn_daemon.imaging.tiff import sha256_file
+from nrrn_daemon.files import sha256_file
 from nrrn_daemon.sim.microscope import Microscope
 
 NAME = "slice_{:04d}.tif"

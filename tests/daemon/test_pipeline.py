@@ -18,12 +18,13 @@ from nrrn_daemon.daemon import arrivals, slicecache
 from nrrn_daemon.daemon.loop import Daemon
 from nrrn_daemon.daemon.pipeline import CACHE_SLICES, Job, Pipeline
 from nrrn_daemon.daemon.slicecache import SliceCache, load_slice
-from nrrn_daemon.daemon.units import ModelInfo
 from nrrn_daemon.errors import InputError
+from nrrn_daemon.files import sha256_file
 from nrrn_daemon.imaging import tiff as imageio
-from nrrn_daemon.imaging.tiff import read_slice, sha256_file
+from nrrn_daemon.imaging.tiff import read_slice
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
+from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.sim.microscope import Microscope, encode_tiff
 from nrrn_daemon.slices import SliceRef
 from nrrn_daemon.states import OutputReason, SliceState

@@ -14,11 +14,10 @@ import tifffile
 
 from nrrn_daemon import files
 from nrrn_daemon.errors import InputError, OutputError
+from nrrn_daemon.files import safe_join, sha256_file
 from nrrn_daemon.imaging.stacks import read_stack
 from nrrn_daemon.imaging.tiff import (
     read_slice,
-    safe_join,
-    sha256_file,
     slice_is_complete,
     split_description,
     write_slice_atomic,

@@ -11,8 +11,8 @@ from pathlib import Path
 from nrrn_daemon.evaluation.quality import Quality
 from nrrn_daemon.store.store import Store
 
-RELEASE_DB = Path(__file__).parent / "data" / "release-dc0de7c.sqlite"
-"""Written by the code of commit dc0de7c (scripts/make_release_db.py): no output_quality table."""
+RELEASE_DB = Path(__file__).resolve().parents[1] / "data" / "provenance-0.1.0.sqlite"
+"""Written by the real daemon of release 0.1.0 (see test_release_database.py): no output_quality."""
 
 
 def _sha(path: Path) -> str:
@@ -60,20 +60,21 @@ def test_a_database_of_the_previous_release_keeps_working(tmp_path):
     before = _sha(db)
     with Store(db, readonly=True) as store:  # status/provenance/dashboard: nothing is added
         ds = store.status()["datasets"][0]
-        assert ds["outputs"] == 1 and ds["quality"] == {
+        assert ds["outputs"] == 5 and ds["quality"] == {
             "measured": 0,
             "last": None,
             "noise_in_level": None,
             "flagged": [],
         }
-        assert store.provenance("s_001.tif")["outputs"][0]["quality"] is None
+        assert store.provenance("slice_001.tif")["outputs"][0]["quality"] is None
     assert _sha(db) == before
     with Store(db) as store:  # the daemon adds the table and records into it
-        ds_id = store.dataset_ids()["old"]
-        model = store.current_model_id(ds_id) or 1
+        (ds_id,) = store.dataset_ids().values()
+        model = next(iter(store.current_outputs(ds_id).values()))["model_id"]
         _record(store, ds_id, model, 7, 6.0)
-        report = store.provenance("s_001.tif")
+        report = store.provenance("slice_001.tif")
         assert report["outputs"][0]["quality"] is None and report["outputs"][0]["version"] == 1
         assert store.provenance("s_007.tif")["outputs"][0]["quality"]["noise_in"] == 6.0
+        assert store.status()["datasets"][0]["quality"]["measured"] == 1
     tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
     assert "output_quality" in tables
