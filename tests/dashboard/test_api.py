@@ -11,7 +11,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import tifffile
-from conftest import MISFIT, NAME, SHAPE, SLICES, sha256
+from live_run import MISFIT, NAME, SHAPE, SLICES, burst_run, sha256
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -19,6 +19,12 @@ from nrrn_daemon.dashboard.app import Settings, create_app
 from nrrn_daemon.dashboard.previews import preview_shape
 from nrrn_daemon.dashboard.server import check_bind
 from nrrn_daemon.errors import DashboardError
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, fib25):
+    """One real burst run (see live_run.py), shared by this module's tests."""
+    return burst_run(tmp_path_factory.mktemp("run"), fib25)
 
 
 def settings_of(profile, **extra) -> Settings:

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import MISFIT, NAME, SHAPE, fib25_noisy, free_port, run_profile, wait_until
+from live_run import MISFIT, NAME, SHAPE, fib25_noisy, free_port, run_profile, wait_until
 from PIL import Image
 
 from nrrn_daemon.daemon.loop import Daemon
@@ -179,6 +179,26 @@ def test_the_dashboard_in_chromium(tmp_path, fib25, browser, dashboard_process):
         newest = browser.find_element(By.ID, "viewer-name").text
         assert newest.split(" ")[0] in {NAME.format(k) for k in range(5)}
         browser.save_screenshot(str(shots / "dashboard-overview.png"))
+
+        # zoom (wheel) and pan (drag) move both panes; the swipe overlays denoised on raw
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+        frame = browser.find_element(By.CSS_SELECTOR, "#pane-raw .frame")
+        origin = ScrollOrigin.from_element(frame)
+        ActionChains(browser).scroll_from_origin(origin, 0, -300).perform()
+        ActionChains(browser).drag_and_drop_by_offset(frame, 30, 20).perform()
+        transforms = browser.execute_script(
+            "return ['img-raw', 'img-den'].map(i => document.getElementById(i).style.transform)"
+        )
+        assert transforms[0] == transforms[1] and "scale(" in transforms[0]
+        assert "scale(1)" not in transforms[0] and "translate(" in transforms[0]
+        browser.find_element(By.ID, "swipe").click()
+        assert "swipe" in browser.find_element(By.ID, "viewer").get_attribute("class")
+        clip = browser.execute_script("return document.getElementById('pane-den').style.clipPath")
+        assert clip.startswith("inset(")
+        browser.save_screenshot(str(shots / "dashboard-swipe.png"))
+        browser.find_element(By.ID, "swipe").click()
 
         # a new slice written by the microscope appears without a reload
         scope.write(5)

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import free_port, wait_until
+from live_run import free_port, wait_until
 from rich.console import Console
 
 from nrrn_daemon.cli.demo import run_demo

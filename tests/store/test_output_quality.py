@@ -12,7 +12,7 @@ from nrrn_daemon.evaluation.quality import Quality
 from nrrn_daemon.store.store import Store
 
 RELEASE_DB = Path(__file__).resolve().parents[1] / "data" / "provenance-0.1.0.sqlite"
-"""Written by the real daemon of release 0.1.0 (see test_release_database.py): no output_quality."""
+"""Written by the real daemon of release 0.1.0 (test_release_database.py): no output_quality."""
 
 
 def _sha(path: Path) -> str:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from nrrn_daemon.config.loading import load_profile
 from nrrn_daemon.daemon.loop import Daemon
@@ -71,10 +70,8 @@ def fib25_noisy(fib25: np.ndarray, n: int) -> np.ndarray:
     return noisy_stack(clean, "gaussian:20", seed=3)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, fib25):
-    """A burst run over 6 FIB-25 slices and a misfit; returns (profile, root)."""
-    root = tmp_path_factory.mktemp("run")
+def burst_run(root: Path, fib25: np.ndarray):
+    """A burst run over 6 FIB-25 slices and a misfit under ``root``; returns (profile, root)."""
     profile = run_profile(root)
     scope = Microscope(root / "raw", fib25_noisy(fib25, SLICES), NAME, interval_s=0)
     scope.run()
