@@ -265,3 +265,40 @@ def test_other_addresses_need_a_token(host):
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_loopback_needs_no_token(host):
     check_bind(host, 8765, None)
+
+
+def test_models_show_each_gate_decision_and_the_losses(tmp_path):
+    from nrrn_daemon.states import FinetuneStatus
+    from nrrn_daemon.store.store import Store
+
+    db = tmp_path / "models.sqlite"
+    with Store(db) as store:
+        ds = store.ensure_dataset("/raw/run7", "/raw/run7", "test")
+        base = store.ensure_model(sha256="a" * 64, path="/m/base.pt", label="base-aaaa",
+                                  kind="base", config={})  # fmt: skip
+        good = store.ensure_model(sha256="b" * 64, path="/m/b.pt", label="model-bbbb",
+                                  kind="finetuned", config={}, dataset_id=ds,
+                                  parent_sha256="a" * 64)  # fmt: skip
+        bad = store.ensure_model(sha256="c" * 64, path="/m/c.pt", label="model-cccc",
+                                 kind="finetuned", config={}, dataset_id=ds,
+                                 parent_sha256="b" * 64)  # fmt: skip
+        first = store.start_finetune(ds, base, {})
+        store.end_finetune(first, FinetuneStatus.PROMOTED, good, {
+            "parent_metrics": {"val_loss": 0.031}, "candidate_metrics": {"val_loss": 0.024},
+            "reasons": ["validation loss 0.024 < 0.031"]})  # fmt: skip
+        store.set_current_model(ds, good, promoted=True)
+        second = store.start_finetune(ds, good, {})
+        store.end_finetune(second, FinetuneStatus.REJECTED, bad, {
+            "parent_metrics": {"val_loss": 0.024}, "candidate_metrics": {"val_loss": 0.027},
+            "reasons": ["validation loss 0.027 is not below 0.024"]})  # fmt: skip
+    with TestClient(create_app(Settings(database=db, output_folder=tmp_path))) as c:
+        report = c.get("/api/models").json()["datasets"][0]
+        assert report["current"] == "model-bbbb"
+        assert [m["label"] for m in report["models"]] == ["base-aaaa", "model-bbbb", "model-cccc"]
+        decisions = [(f["status"], f["promoted"], f["reasons"]) for f in report["finetunes"]]
+        assert decisions == [
+            ("rejected", False, ["validation loss 0.027 is not below 0.024"]),
+            ("promoted", True, ["validation loss 0.024 < 0.031"]),
+        ]
+        svg = c.get("/api/datasets/" + quote("/raw/run7", safe="") + "/loss.svg").text
+        assert "parent" in svg and "candidate" in svg and svg.count("<circle") == 4
