@@ -34,3 +34,8 @@ class StoreError(NRRNError):
 
 class Abandoned(NRRNError):
     """A unit of work was given up because the daemon was asked to stop (nothing was written)."""
+
+
+class DashboardError(NRRNError):
+    """The dashboard cannot serve as asked (an address without a token, a path outside a data
+    set's folders)."""

@@ -2,15 +2,15 @@
 
 Offline commands (``train``, ``denoise``, ``evaluate``, ``metrics``) are in :mod:`.offline`;
 the daemon's (``start``, ``status``, ``provenance``, ``profiles``, ``demo``) in :mod:`.daemon`;
-``finetune`` and ``models`` in :mod:`.models`; ``reprocess`` in :mod:`.reprocess`. Command
-modules never import this one, so there is no cycle.
+``finetune`` and ``models`` in :mod:`.models`; ``reprocess`` in :mod:`.reprocess`;
+``dashboard`` in :mod:`.dashboard`. Command modules never import this one, so there is no cycle.
 """
 
 from __future__ import annotations
 
 import typer
 
-from nrrn_daemon.cli import daemon, models, offline, reprocess
+from nrrn_daemon.cli import daemon, dashboard, models, offline, reprocess
 
 app = typer.Typer(
     name="nrrn-daemon",
@@ -23,7 +23,7 @@ app = typer.Typer(
 for command in (
     offline.train, offline.denoise, offline.evaluate, offline.metrics,
     daemon.start, daemon.status, daemon.provenance, daemon.profiles, daemon.demo,
-    models.finetune, models.models, reprocess.reprocess,
+    models.finetune, models.models, reprocess.reprocess, dashboard.dashboard,
 ):  # fmt: skip
     app.command()(command)
 

@@ -158,6 +158,13 @@ def demo(
         typer.Option(help="Keep watch/output/database in this folder (default: a temporary one)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the phantom and the noise.")] = 0,
+    with_dashboard: Annotated[
+        bool,
+        typer.Option("--dashboard", help="Also run the web dashboard and print its URL."),
+    ] = False,
+    dashboard_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Port of --dashboard (on 127.0.0.1).")
+    ] = 8765,
 ) -> None:
     """Play a microscope into a temporary folder and run the daemon on it, live, with a summary."""
     from nrrn_daemon.cli.demo import run_demo
@@ -173,6 +180,7 @@ def demo(
         keep=keep,
         seed=seed,
         console=console,
+        dashboard_port=dashboard_port if with_dashboard else None,
     )
     from nrrn_daemon.cli.views import render_demo_summary
 

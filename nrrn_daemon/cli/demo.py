@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +66,14 @@ def run_demo(
     keep: Path | None = None,
     seed: int = 0,
     console: Console | None = None,
+    dashboard_port: int | None = None,
 ) -> dict[str, Any]:
-    """Run the whole demo; returns the summary (slices, latency, PSNR, paths)."""
+    """Run the whole demo; returns the summary (slices, latency, PSNR, paths).
+
+    With ``dashboard_port``, ``nrrn-daemon dashboard`` runs beside it as a process of its own on
+    127.0.0.1 at that port (its URL printed) from the moment the database exists until the demo
+    ends.
+    """
     clean = load_clean_volume(volume, slices, size, seed)
     noisy = noisy_stack(clean, noise, seed=seed + 1)
     n = len(clean)
@@ -88,7 +98,7 @@ def run_demo(
     done: set[str] = set()
     lock = threading.Lock()
 
-    with Store(db) as store:
+    with Store(db) as store, _dashboard(dashboard_port, db, out, console):
         daemon: Daemon
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
@@ -127,6 +137,35 @@ def run_demo(
         report = store.status()
     names = [microscope.name(k) for k in range(n)]
     return _summary(clean, noisy, out, report, reason, root, names, noise, keep is not None)
+
+
+@contextlib.contextmanager
+def _dashboard(port: int | None, db: Path, out: Path, console: Console | None) -> Iterator[None]:
+    """``nrrn-daemon dashboard`` on the demo's database, in a process of its own."""
+    if port is None:
+        yield
+        return
+    from nrrn_daemon.dashboard.server import check_bind, url
+
+    check_bind("127.0.0.1", port, None)
+    cmd = [sys.executable, "-c", "from nrrn_daemon.cli.app import main; main()",
+           "dashboard", "--profile", "demo", "--db", str(db), "--output", str(out),
+           "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        if console is not None:
+            console.print(f"dashboard: {url('127.0.0.1', port)} (read-only; stops with the demo)",
+                          highlight=False)  # fmt: skip
+        yield
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if proc.returncode not in (0, -signal.SIGTERM) and console is not None:
+            console.print(f"[red]the dashboard ended with {proc.returncode}:[/] {err.strip()}")
 
 
 def _live(daemon: Daemon, console: Console, n: int) -> Any:

@@ -101,6 +101,16 @@ def _dataset_panel(ds: dict[str, Any]) -> Panel:
         t.add_row("last output", f"{ds['last_output']['path']} at {ds['last_output']['at']}")
     for f in ds.get("failed", []):
         t.add_row("[red]failed", f"{f['name']}: {f['reason']}")
+    quality = ds.get("quality") or {}
+    if quality.get("last"):
+        q = quality["last"]
+        t.add_row(
+            "quality",
+            f"noise {q['noise_in']:.1f} → {q['noise_out']:.1f} · flat IQR {q['iqr_in']:.1f} → "
+            f"{q['iqr_out']:.1f} (last) · input noise level {quality['noise_in_level']:.1f}",
+        )
+    for f in quality.get("flagged", [])[:5]:
+        t.add_row("[magenta]noise flag", f"{f['name']}: {f['reason']}")
     return Panel(t, title=f"data set {ds['name']}", subtitle=f"profile {ds['profile_name']}")
 
 
@@ -126,6 +136,14 @@ def render_provenance(report: dict[str, Any], console: Console) -> None:
         t.add_row("settings", ", ".join(f"{k}={v}" for k, v in sorted(out["settings"].items())))
         tm = out["timings"]
         t.add_row("device", out["device"])
+        q = out.get("quality")
+        if q:
+            flag = f"  [magenta]{q['flag_reason']}[/]" if q["flagged"] else ""
+            t.add_row(
+                "quality",
+                f"noise {q['noise_in']:.2f} → {q['noise_out']:.2f} · flat IQR {q['iqr_in']:.1f} → "
+                f"{q['iqr_out']:.1f} in {q['flat_box']}{flag}",
+            )
         t.add_row(
             "timings",
             f"read {_s(tm['read_s'], ' s', '{:.2f}')} · "

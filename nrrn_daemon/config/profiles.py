@@ -220,6 +220,25 @@ class StoreSettings(BaseModel):
         return _expand(value)
 
 
+class DashboardSettings(BaseModel):
+    """The read-only web dashboard (``nrrn-daemon dashboard``)."""
+
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    """Address it listens on; anything but a loopback address needs a token."""
+
+    port: int = Field(default=8765, ge=1, le=65535)
+    """TCP port it listens on."""
+
+    token: str | None = Field(default=None, min_length=16)
+    """Shared secret (16+ characters) that browsers must present (``?token=`` once, then a
+    cookie); required when ``host`` is not a loopback address. None: no token."""
+
+    preview_px: int = Field(default=1024, ge=64, le=8192)
+    """Longest side (px) of the slice previews; larger slices are downsampled by block means."""
+
+
 class ModelSettings(BaseModel):
     """Which network runs, where, and how the image is tiled."""
 
@@ -347,6 +366,9 @@ class Profile(BaseModel):
 
     finetune: FinetuneSettings = FinetuneSettings()
     """[finetune]: scheduled fine-tuning."""
+
+    dashboard: DashboardSettings = DashboardSettings()
+    """[dashboard]: the read-only web dashboard."""
 
     _source: Path | None = PrivateAttr(default=None)
 

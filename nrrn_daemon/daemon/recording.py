@@ -48,6 +48,7 @@ def record_unit(
         settings=record.settings, device=record.device, ready_at=ready_at,
         started_at=record.started_at, finished_at=record.finished_at, read_s=record.read_s,
         model_s=record.model_s, write_s=record.write_s, reason=reason, run_id=run_id,
+        quality=record.quality,
     )  # fmt: skip
     for ref, role in zip(refs, roles, strict=True):
         row = rows[ref.path]

@@ -8,7 +8,8 @@ previous one overlap with the model), or in turn for the synchronous design:
    databar cropped off and kept aside, all of one size and bit depth;
 2. :func:`run_model`: denoise the centre with its neighbours;
 3. :func:`write_output`: the output TIFF, atomically, with the input's shape, dtype and metadata
-   plus a description of what was done; returns what provenance needs.
+   plus a description of what was done, and the no-reference quality of input and output
+   (:func:`~nrrn_daemon.evaluation.quality.measure`); returns what provenance needs.
 
 It never writes anywhere but the output folder.
 """
@@ -16,6 +17,7 @@ It never writes anywhere but the output folder.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +29,14 @@ import numpy as np
 from nrrn_daemon import __version__
 from nrrn_daemon.daemon.slicecache import LoadedSlice
 from nrrn_daemon.errors import InputError
+from nrrn_daemon.evaluation.quality import Quality, measure
 from nrrn_daemon.files import safe_join
 from nrrn_daemon.imaging.tiff import SliceImage, write_slice_atomic
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.triplets import Work
+
+log = logging.getLogger("nrrn_daemon")
 
 Loader = Callable[[Path], LoadedSlice]
 """``load(path)`` → the slice at ``path`` (a :meth:`SliceCache.load`, or :func:`read_unhashed`)."""
@@ -56,6 +61,8 @@ class OutputRecord:
     """sha256 of each input's bytes as read (centre first); None where the reader did not hash."""
     model: ModelInfo | None = None
     """The model that made it (the daemon may have switched models since)."""
+    quality: Quality | None = None
+    """No-reference noise and flat-region IQR of input and output (None: too small to measure)."""
 
 
 def description(
@@ -197,6 +204,12 @@ def write_output(denoised: Denoised, output_folder: Path, output_name: str) -> O
     t0 = time.perf_counter()
     path = safe_join(output_folder, output_name)
     sha = write_slice_atomic(path, denoised.centre, denoised.pixels, denoised.description)
+    write_s = time.perf_counter() - t0
+    try:  # here, in the writer's thread: the model never waits for it
+        quality: Quality | None = measure(denoised.centre.pixels, denoised.pixels)
+    except InputError as exc:  # a slice too small to measure still gets its output
+        log.debug("no quality measures for %s: %s", path.name, exc)
+        quality = None
     return OutputRecord(
         path=path,
         sha256=sha,
@@ -207,8 +220,9 @@ def write_output(denoised: Denoised, output_folder: Path, output_name: str) -> O
         finished_at=time.time(),
         read_s=denoised.read_s,
         model_s=denoised.model_s,
-        write_s=time.perf_counter() - t0,
+        write_s=write_s,
         input_shapes=[denoised.centre.full_shape] * len(denoised.sha256),
         input_sha256=list(denoised.sha256),
         model=denoised.model,
+        quality=quality,
     )

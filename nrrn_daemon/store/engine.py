@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -27,7 +27,9 @@ from sqlalchemy.pool import QueuePool
 
 from nrrn_daemon import __version__
 from nrrn_daemon.errors import StoreError
-from nrrn_daemon.store.tables import SCHEMA_VERSION, Base, Meta
+from nrrn_daemon.store.tables import ADDED_TABLES, SCHEMA_VERSION, Base, Meta
+
+T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
 """How long a connection waits for a lock before failing (``PRAGMA busy_timeout``)."""
@@ -89,6 +91,9 @@ def open_schema(session: Session, path: Path, readonly: bool) -> None:
     found = session.get(Meta, "schema_version")
     version = found.value if found is not None else "missing"
     if version == str(SCHEMA_VERSION):
+        missing = [t for t in ADDED_TABLES if t.name not in tables]
+        if missing and not readonly:  # a database of an earlier release: add, never alter
+            Base.metadata.create_all(session.connection(), tables=missing)
         return
     if version.isdigit() and int(version) > SCHEMA_VERSION:
         advice = "it was written by a newer nrrn-daemon: upgrade nrrn-daemon or pass another --db"
@@ -174,6 +179,15 @@ class StoreCore:
                 yield session
         except DBAPIError as exc:
             raise StoreError(explain(self.path, doing, exc)) from exc
+
+    def read(self, doing: str, report: Callable[[Session], T]) -> T:
+        """Run ``report(session)`` in one read transaction (one snapshot); return its result.
+
+        For read-side reports kept outside the store (the dashboard's); ``doing`` names what is
+        read in the error message.
+        """
+        with self._unit(doing, write=False) as session:
+            return report(session)
 
     def _open_schema(self) -> None:
         with self._unit("read the schema", write=False) as session:

@@ -20,12 +20,13 @@ from nrrn_daemon.states import (
     InputRole,
     SliceState,
 )
-from nrrn_daemon.store.queries import iso
+from nrrn_daemon.store.queries import has_quality, iso, quality_of
 from nrrn_daemon.store.tables import (
     Dataset,
     ModelVersion,
     Output,
     OutputInput,
+    OutputQuality,
     Run,
     Slice,
 )
@@ -45,7 +46,8 @@ def provenance_report(session: Session, query: str, *, where: str) -> dict[str, 
         ``outputs``, newest version first, each with its path, sha256, version, ``is_current``,
         mode, reason, ``inputs`` (role, path, index, the sha256 recorded when read and the one
         last recorded for the file, ``changed``), ``model``, ``settings``, ``device``,
-        ``timings``, ``run`` and ``rerun`` (an ``nrrn-daemon denoise`` command line).
+        ``timings``, ``run``, ``quality`` (input and output noise, flat-region IQR, flag; None when
+        not measured) and ``rerun`` (an ``nrrn-daemon denoise`` command line).
 
     Raises
     ------
@@ -118,6 +120,7 @@ def _output_report(session: Session, out: Output, names: dict[int, str]) -> dict
     model = session.get(ModelVersion, out.model_version_id)
     run = session.get(Run, out.run_id) if out.run_id is not None else None
     centre = next(i for i in inputs if i["role"] == InputRole.CENTRE.value)
+    quality = session.get(OutputQuality, out.id) if has_quality(session) else None
     return {
         "id": out.id,
         "dataset": names.get(out.dataset_id),
@@ -148,6 +151,7 @@ def _output_report(session: Session, out: Output, names: dict[int, str]) -> dict
             "id": run.id, "host": run.host, "pid": run.pid, "version": run.version,
             "profile_name": run.profile_name, "started_at": iso(run.started_at),
         },
+        "quality": quality_of(quality),
         "rerun": rerun_command(out, [i["path"] for i in inputs], centre["name"], model),
     }  # fmt: skip
 

@@ -13,7 +13,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
 from nrrn_daemon.errors import StoreError
@@ -27,6 +27,7 @@ from nrrn_daemon.store.tables import (
     FinetuneRun,
     ModelVersion,
     Output,
+    OutputQuality,
     Run,
     Slice,
 )
@@ -83,7 +84,10 @@ def status_report(
         ``slices`` (count per state), ``waiting`` (ready slices), ``failed`` (latest ones with
         reasons), ``latency_s`` (ready → finished: ``median``, ``p90``, ``last``, ``count``),
         ``throughput_per_h`` (``last_hour``, ``overall``), ``model``, ``device`` and
-        ``cpu_fallback`` (of the last output), ``next_finetune`` (from the run's live state).
+        ``cpu_fallback`` (of the last output), ``next_finetune`` (from the run's live state),
+        ``quality`` (``measured``, ``last`` output's noise and IQR, ``noise_in_level``: the
+        running median of the input noise, ``flagged``: the latest slices whose input noise
+        jumped above it).
 
     Raises
     ------
@@ -180,6 +184,67 @@ def _dataset_status(
         "cpu_fallback": device is not None and device.split(":")[0] == "cpu",
         "next_finetune": next_finetune,
         "finetunes": _finetunes(session, ds.id, FINETUNE_HISTORY),
+        "quality": _quality_status(session, ds.id),
+    }
+
+
+QUALITY_FLAGGED_LIMIT = 20
+"""How many of a data set's latest flagged slices ``status`` lists."""
+
+
+def has_quality(session: Session) -> bool:
+    """Whether the database has the ``output_quality`` table (a read-only database of an earlier
+    release may not: nothing was measured then)."""
+    return inspect(session.connection()).has_table(OutputQuality.__tablename__)
+
+
+def quality_of(row: OutputQuality | None) -> dict[str, Any] | None:
+    """An ``output_quality`` row as plain data (None stays None)."""
+    if row is None:
+        return None
+    return {
+        "noise_in": row.noise_in, "noise_out": row.noise_out, "iqr_in": row.iqr_in,
+        "iqr_out": row.iqr_out, "flat_box": list(row.flat_box_json), "flagged": row.flagged,
+        "flag_reason": row.flag_reason,
+    }  # fmt: skip
+
+
+def _quality_status(session: Session, dataset_id: int) -> dict[str, Any]:
+    """The latest output's quality, the running input-noise level and the flagged slices."""
+    from nrrn_daemon.evaluation.quality import JUMP_WINDOW
+
+    empty: dict[str, Any] = {"measured": 0, "last": None, "noise_in_level": None, "flagged": []}
+    if not has_quality(session):
+        return empty
+    rows = list(
+        session.scalars(
+            select(OutputQuality)
+            .join(Output, Output.id == OutputQuality.output_id)
+            .where(OutputQuality.dataset_id == dataset_id)
+            .order_by(Output.finished_at.desc(), Output.id.desc())
+            .limit(JUMP_WINDOW)
+        )
+    )
+    if not rows:
+        return empty
+    flagged = session.execute(
+        select(Slice.name, Slice.index, OutputQuality.noise_in, OutputQuality.flag_reason)
+        .join(Output, Output.id == OutputQuality.output_id)
+        .join(Slice, Slice.id == Output.centre_slice_id)
+        .where(OutputQuality.dataset_id == dataset_id, OutputQuality.flagged.is_(True))
+        .order_by(Output.finished_at.desc())
+        .limit(QUALITY_FLAGGED_LIMIT)
+    )
+    level = sorted(r.noise_in for r in rows)
+    return {
+        "measured": session.scalar(
+            select(func.count())
+            .select_from(OutputQuality)
+            .where(OutputQuality.dataset_id == dataset_id)
+        ),
+        "last": quality_of(rows[0]),
+        "noise_in_level": float(level[len(level) // 2]),
+        "flagged": [{"name": n, "index": i, "noise_in": v, "reason": r} for n, i, v, r in flagged],
     }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from nrrn_daemon import __version__
+from nrrn_daemon.evaluation.quality import JUMP_WINDOW, Quality, noise_jump
 from nrrn_daemon.states import STALE_AFTER_S, InputRole, OutputMode, OutputReason, SliceState
 from nrrn_daemon.store.lineage import provenance_report
 from nrrn_daemon.store.queries import status_report
@@ -33,6 +34,7 @@ from nrrn_daemon.store.tables import (
     Dataset,
     Output,
     OutputInput,
+    OutputQuality,
     Run,
     Slice,
     SliceInfo,
@@ -176,6 +178,7 @@ class Store(ModelVersions):
         write_s: float,
         reason: OutputReason | str,
         run_id: int | None = None,
+        quality: Quality | None = None,
     ) -> int:
         """Record a written output file; return its id.
 
@@ -183,6 +186,9 @@ class Store(ModelVersions):
         kept), the new row gets ``version`` = previous maximum + 1 and ``is_current``, its
         ``inputs`` (slice id, role, sha256 as read) are stored, and the centre slice becomes
         :attr:`SliceState.DENOISED`. ``reason`` is an :class:`OutputReason` or free text.
+        ``quality`` (measured in the writer thread) goes to ``output_quality``, flagged when the
+        input's noise jumps above the data set's running level
+        (:func:`~nrrn_daemon.evaluation.quality.noise_jump`).
         """
         roles = [(slice_id, InputRole(role), sha) for slice_id, role, sha in inputs]
         if (centre_slice_id, InputRole.CENTRE) not in {(s, r) for s, r, _ in roles}:
@@ -214,6 +220,8 @@ class Store(ModelVersions):
                 .where(Slice.id == centre_slice_id)
                 .values(state=SliceState.DENOISED, reason=None, updated_at=now)
             )
+            if quality is not None:
+                session.add(_quality_row(session, row, quality))
             return row.id
 
     def current_mode(self, slice_id: int) -> OutputMode | None:
@@ -345,6 +353,23 @@ class Store(ModelVersions):
         """
         with self._unit("read provenance", write=False) as session:
             return provenance_report(session, path_or_name, where=str(self.path))
+
+
+def _quality_row(session: Any, out: Output, quality: Quality) -> OutputQuality:
+    """The ``output_quality`` row of a new output, judged against the data set's latest ones."""
+    previous = session.scalars(
+        select(OutputQuality.noise_in)
+        .join(Output, Output.id == OutputQuality.output_id)
+        .where(OutputQuality.dataset_id == out.dataset_id, Output.id != out.id)
+        .order_by(Output.finished_at.desc(), Output.id.desc())
+        .limit(JUMP_WINDOW)
+    ).all()
+    flag = noise_jump(list(reversed(previous)), quality.noise_in)
+    return OutputQuality(
+        output_id=out.id, dataset_id=out.dataset_id, noise_in=quality.noise_in,
+        noise_out=quality.noise_out, iqr_in=quality.iqr_in, iqr_out=quality.iqr_out,
+        flat_box_json=list(quality.flat_box), flagged=flag is not None, flag_reason=flag,
+    )  # fmt: skip
 
 
 def _text(value: Enum | str) -> str:

@@ -199,6 +199,31 @@ class FinetuneRun(Base):
     summary_json: Mapped[dict[str, Any]]
 
 
+class OutputQuality(Base):
+    """No-reference quality of one output and its input (:mod:`nrrn_daemon.evaluation.quality`).
+
+    A table of its own, added after schema version 1 and created when a writable store opens a
+    database that lacks it: databases of earlier releases keep working, and read-side reports
+    treat a missing table as "nothing measured".
+    """
+
+    __tablename__ = "output_quality"
+
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    noise_in: Mapped[float] = mapped_column(Float)
+    noise_out: Mapped[float] = mapped_column(Float)
+    iqr_in: Mapped[float] = mapped_column(Float)
+    iqr_out: Mapped[float] = mapped_column(Float)
+    flat_box_json: Mapped[list[int]] = mapped_column(JSON)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    flag_reason: Mapped[str | None] = mapped_column(Text)
+
+
+ADDED_TABLES = (OutputQuality.__table__,)
+"""Tables added since schema version 1 without a version bump: created on open when missing."""
+
+
 MTIME_TOLERANCE_S = 1e-3
 """Two mtimes closer than this are the same (SQLite stores them as floats)."""
 
