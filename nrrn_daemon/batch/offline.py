@@ -4,30 +4,44 @@ A multi-page TIFF in gives ``OUTPUT/<stem>.tif`` with the same shape and dtype; 
 of slice files gives one file per slice in ``OUTPUT`` with the same name and metadata. Interior
 slices use their triplet, the stack's edges the pair mode (``inputs=3``); ``inputs=2`` always
 uses one neighbour (the previous, the next for the first slice), ``inputs=1`` none.
+
+Every slice is judged first (:func:`nrrn_daemon.frames.judge_stack`): an unusable one (blank,
+saturated, cut short, unrelated to its neighbours) is never a neighbour, so the slices beside it
+use the pair mode (single between two bad frames), and it is written itself as a copy of the
+input (no signal) or denoised alone, with a description that says why.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from nrrn_daemon import __version__
+from nrrn_daemon.config.profiles import FrameSettings
 from nrrn_daemon.errors import InputError, OutputError
+from nrrn_daemon.frames import Verdict, judge_stack
 from nrrn_daemon.imaging.stacks import Stack, read_stack
 from nrrn_daemon.imaging.tiff import read_slice, safe_join, write_slice_atomic, write_stack
 from nrrn_daemon.model.denoise import Denoiser
 
+DEFAULT_FRAMES = FrameSettings()
+"""The frame judgement offline ``denoise`` applies unless told otherwise (the profile defaults)."""
 
-def neighbour_indices(i: int, n: int, inputs: int) -> list[int]:
-    """Indices of the neighbours slice ``i`` of ``n`` is denoised with, for 1, 2 or 3 inputs."""
-    if inputs == 1 or n == 1:
+
+def neighbour_indices(
+    i: int, n: int, inputs: int, unusable: Container[int] = frozenset()
+) -> list[int]:
+    """Indices of the neighbours slice ``i`` of ``n`` is denoised with, for 1, 2 or 3 inputs.
+
+    A slice in ``unusable`` is never a neighbour, and has none itself (it is denoised alone).
+    """
+    if inputs == 1 or n == 1 or i in unusable:
         return []
-    if inputs == 2:
-        return [i - 1] if i > 0 else [i + 1]
-    return [j for j in (i - 1, i + 1) if 0 <= j < n]
+    near = [j for j in (i - 1, i + 1) if 0 <= j < n and j not in unusable]
+    return near[:1] if inputs == 2 else near
 
 
 def denoise_stack(
@@ -39,11 +53,15 @@ def denoise_stack(
     databar: str = "none",
     databar_rows: int = 0,
     on_slice: Callable[[int, int, str], None] | None = None,
+    frames: FrameSettings | None = DEFAULT_FRAMES,
+    on_unusable: Callable[[str, str], None] | None = None,
 ) -> list[Path]:
     """Denoise one stack into ``output``; returns the written files.
 
     ``databar``/``databar_rows`` crop the microscope's info strip off per-slice files before
     denoising and copy it through, as the daemon does (see :func:`imageio.read_slice`).
+    ``frames`` judges every slice first (None: every slice is a neighbour); ``on_unusable(name,
+    reason)`` is told of each unusable one.
 
     Raises
     ------
@@ -64,30 +82,47 @@ def denoise_stack(
     n = len(stack)
     cache: dict[int, np.ndarray] = {}
 
+    def read(j: int) -> np.ndarray:
+        if stack.source_kind == "files":
+            return read_slice(stack.paths[j], databar, databar_rows).pixels
+        return stack[j]
+
     def pixels(j: int) -> np.ndarray:
         if j not in cache:
-            if stack.source_kind == "files":
-                cache[j] = read_slice(stack.paths[j], databar, databar_rows).pixels
-            else:
-                cache[j] = stack[j]
+            cache[j] = read(j)
         return cache[j]
+
+    def name(j: int) -> str:
+        return stack.names[j] if stack.source_kind == "files" else f"slice {j}"
+
+    verdicts = judge_stack(range(n), read, frames) if frames is not None else {}
+    bad = {i: v for i, v in verdicts.items() if not v.usable}
+    for i, verdict in bad.items():
+        if on_unusable:
+            on_unusable(name(i), verdict.reason or "")
+
+    def estimate(i: int, centre: np.ndarray, neighbours: list[int]) -> np.ndarray:
+        if i in bad and not bad[i].has_signal:
+            return centre.copy()  # nothing to denoise: kept as it came
+        return denoiser.denoise(centre, [pixels(j) for j in neighbours])
 
     results: list[np.ndarray] = []
     written: list[Path] = []
     for i in range(n):
         for old in [k for k in cache if k < i - 1]:
             del cache[old]
-        neighbours = neighbour_indices(i, n, inputs_per_estimate)
+        neighbours = neighbour_indices(i, n, inputs_per_estimate, bad)
         if stack.source_kind == "files":
             centre = read_slice(stack.paths[i], databar, databar_rows)
-            out = denoiser.denoise(centre.pixels, [pixels(j) for j in neighbours])
+            out = estimate(i, centre.pixels, neighbours)
             path = safe_join(output, stack.names[i])
-            write_slice_atomic(
-                path, centre, out, _describe(denoiser, [stack.names[j] for j in neighbours])
-            )
+            described = _describe(denoiser, [stack.names[j] for j in neighbours])
+            if i in bad:
+                described = _describe(denoiser, [], unusable=bad[i])
+            write_slice_atomic(path, centre, out, described)
             written.append(path)
         else:
-            results.append(denoiser.denoise(pixels(i), [pixels(j) for j in neighbours]))
+            results.append(estimate(i, pixels(i), neighbours))
         if on_slice:
             on_slice(i + 1, n, stack.names[i] if stack.source_kind == "files" else f"slice {i}")
     if stack.source_kind != "files":
@@ -98,17 +133,33 @@ def denoise_stack(
             _describe(
                 denoiser,
                 ["triplets" if inputs_per_estimate == 3 else f"{inputs_per_estimate} inputs"],
+                pages={i: v.reason or "" for i, v in bad.items()},
             ),
         )
         written.append(path)
     return written
 
 
-def _describe(denoiser: Denoiser, neighbours: list[str]) -> str:
+def _describe(
+    denoiser: Denoiser,
+    neighbours: list[str],
+    *,
+    unusable: Verdict | None = None,
+    pages: dict[int, str] | None = None,
+) -> str:
+    what = "NRRN denoised (offline)"
+    extra: dict[str, object] = {}
+    if unusable is not None:
+        done = "denoised alone" if unusable.has_signal else "copy of the input, not denoised"
+        what = f"{done}: unusable: {unusable.reason}"
+        extra["unusable"] = unusable.reason
+    if pages:  # a stack: which pages were not used as neighbours, and why
+        extra["unusable_pages"] = {str(i): why for i, why in sorted(pages.items())}
     return json.dumps(
         {
+            **extra,
             "software": f"nrrn-daemon {__version__}",
-            "what": "NRRN denoised (offline)",
+            "what": what,
             "model_sha256": denoiser.checkpoint.content_sha256,
             "neighbours": neighbours,
             "device": denoiser.device,
