@@ -26,9 +26,10 @@ import numpy as np
 
 from nrrn_daemon.batch.tasks import JobSpec, SliceSource, SliceTask
 from nrrn_daemon.config.loading import load_profile
-from nrrn_daemon.config.profiles import Profile
+from nrrn_daemon.config.profiles import FrameSettings, Profile
 from nrrn_daemon.daemon.serving import record_model
 from nrrn_daemon.errors import InputError, NRRNError, OutputError, StoreError
+from nrrn_daemon.frames import Verdict, judge_stack
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
 from nrrn_daemon.imaging.stacks import _LAST_INT, _folder_slices, read_stack
 from nrrn_daemon.imaging.tiff import check_grey, open_tiff, read_slice, safe_join
@@ -122,7 +123,8 @@ def plan_reprocess(
             "choose another --output folder"
         )
     naming = profile.output_name if profile else (lambda name, index: name)
-    tasks = _tasks(sources, output, naming)
+    frames = profile.frames if profile else FrameSettings()
+    tasks = _tasks(sources, output, naming, _judge(sources, frames, databar, databar_rows))
     volume = None
     if zarr is not None and Path(zarr).exists():
         volume = OmeZarrVolume.open(Path(zarr))
@@ -242,22 +244,50 @@ def _check_pages(path: Path) -> int:
         return len(pages)
 
 
-def _tasks(
-    sources: list[SliceSource], output: Path | None, naming: Callable[[str, int], str]
-) -> list[SliceTask]:
-    """Neighbours by index (a missing index is a gap: pair mode), z = index − first index."""
+def _judge(
+    sources: list[SliceSource], frames: FrameSettings, databar: str, rows: int
+) -> dict[int, Verdict]:
+    """The unusable slices by index (:func:`~nrrn_daemon.frames.judge_stack`; reads each once)."""
+    if not frames.enabled:
+        return {}
     by_index = {s.index: s for s in sources}
-    base = min(by_index)
+
+    def load(index: int) -> np.ndarray:
+        source = by_index[index]
+        if source.page is None:
+            return read_slice(Path(source.path), databar, rows).pixels  # type: ignore[arg-type]
+        with open_tiff(Path(source.path)) as tif:
+            return tif.pages[source.page].asarray()
+
+    verdicts = judge_stack(by_index, load, frames)
+    return {i: v for i, v in verdicts.items() if not v.usable}
+
+
+def _tasks(
+    sources: list[SliceSource],
+    output: Path | None,
+    naming: Callable[[str, int], str],
+    unusable: dict[int, Verdict] | None = None,
+) -> list[SliceTask]:
+    """Neighbours by index (a missing or unusable index is a gap: pair mode), z = index − first
+    index. An unusable slice has no neighbours: ``copy`` without signal, else ``single``."""
+    unusable = unusable or {}
+    by_index = {s.index: s for s in sources if s.index not in unusable}
+    base = min(s.index for s in sources)
     tasks = []
     for s in sources:
         near = [(by_index.get(s.index + d), role)
                 for d, role in ((-1, InputRole.PREV.value), (1, InputRole.NEXT.value))]  # fmt: skip
-        near = [(n, r) for n, r in near if n is not None]
+        near = [(n, r) for n, r in near if n is not None and s.index not in unusable]
         mode = {2: "triplet", 1: "pair", 0: "single"}[len(near)]
+        bad = unusable.get(s.index)
+        if bad is not None and not bad.has_signal:
+            mode = "copy"
         tiff = str(safe_join(Path(output).absolute(), naming(s.name, s.index))) if output else None
         tasks.append(SliceTask(
             z=s.index - base, centre=s, neighbours=tuple(n for n, _ in near),
             roles=tuple(r for _, r in near), mode=mode, tiff=tiff,
+            unusable=bad.reason if bad is not None else None,
         ))  # fmt: skip
     return tasks
 
