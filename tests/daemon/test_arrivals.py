@@ -10,7 +10,9 @@ import sqlite3
 import numpy as np
 import pytest
 import tifffile
+from typer.testing import CliRunner
 
+from nrrn_daemon.cli.app import app
 from nrrn_daemon.daemon.loop import Daemon
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
@@ -99,6 +101,16 @@ def test_bad_frames_are_never_neighbours_and_are_still_written(
     (ds,) = status["datasets"]
     assert ds["slices"]["unusable"] == 3
     assert {u["name"] for u in ds["unusable"]} == {NAME.format(k) for k in BAD}
+    # What a person reads: `status` and `provenance` say which slices and why.
+    runner = CliRunner()
+    shown = runner.invoke(app, ["status", "--db", str(profile.store.database)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert f"{NAME.format(BLANK)}: unusable: blank frame" in shown.output
+    shown = runner.invoke(
+        app, ["provenance", NAME.format(CUT), "--db", str(profile.store.database)],
+        terminal_width=200,
+    )  # fmt: skip
+    assert shown.exit_code == 0 and "unusable: frame cut short" in shown.output
 
 
 def test_bad_frames_never_train_a_finetune(tmp_path, tiny_checkpoint, acquisition):
