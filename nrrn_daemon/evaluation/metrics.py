@@ -348,7 +348,9 @@ def estimate_noise(image: np.ndarray) -> float:
     with warnings.catch_warnings():
         # estimate_sigma guesses that a last axis of <= 4 is colour; ours never is.
         warnings.simplefilter("ignore", UserWarning)
-        return float(estimate_sigma(image.astype(np.float64), channel_axis=None))
+        warnings.simplefilter("ignore", RuntimeWarning)  # the empty median of a blank image
+        sigma = float(estimate_sigma(image.astype(np.float64), channel_axis=None))
+    return sigma if np.isfinite(sigma) else 0.0
 
 
 def find_flat_region(image: np.ndarray, size: int) -> Box:

@@ -159,3 +159,9 @@ def test_find_flat_region_is_a_valid_box(h: int, w: int, size: int, seed: int) -
 def test_find_flat_region_rejects_oversize() -> None:
     with pytest.raises(InputError, match="does not fit"):
         find_flat_region(np.zeros((16, 32)), 17)
+
+
+def test_noise_of_a_blank_image_is_zero_not_nan() -> None:
+    """A blanked beam gives an all-zero frame: its noise is 0 (the daemon stores it per slice)."""
+    assert estimate_noise(np.zeros((32, 32), np.uint8)) == 0.0
+    assert estimate_noise(np.full((32, 32), 200, np.uint16)) == pytest.approx(0.0, abs=1e-9)
