@@ -47,7 +47,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ from nrrn_daemon.model import acceleration
 from nrrn_daemon.model.checkpoints import Checkpoint, Normalisation, NormMode
 from nrrn_daemon.model.devices import PRECISIONS, DeviceInfo, resolve_device
 from nrrn_daemon.model.nrrn import LOSSES, NRRN, NRRNConfig
+from nrrn_daemon.model.posterior import fit_noise_model
 
 ProgressCallback = Callable[[int, "int | None", float, float], None]
 """``on_progress(step, total_steps_or_None, loss, elapsed_s)``, called after every step."""
@@ -238,6 +239,20 @@ def _branches(
     return out_prev.float(), out_next.float()
 
 
+def _load_init(model: NRRN, init: Checkpoint) -> None:
+    """Start from ``init``'s weights; a paper-network init of a blind model keeps all it has.
+
+    The blind network has the same weights as the paper's plus ``combine`` (left at its start,
+    the mean of the four directions); its masked convs use the rest of each kernel.
+    """
+    if init.config.blind == model.blind:
+        model.load_state_dict(init.state_dict)
+        return
+    missing, unexpected = model.load_state_dict(init.state_dict, strict=False)
+    if unexpected or any(not k.startswith("combine.") for k in missing):
+        raise ValueError(f"cannot start a {model.config} from a {init.config} checkpoint")
+
+
 def train(
     stacks: Sequence[StackLike],
     settings: TrainSettings,
@@ -282,6 +297,10 @@ def train(
     if init is not None and config is not None and config != init.config:
         raise ValueError(f"config {config} differs from the init checkpoint's {init.config}")
     config = init.config if init is not None else (config or NRRNConfig())
+    loss_name = loss_for(settings.loss, settings.repeat_scans)
+    if loss_name == "centre" and not config.blind:
+        # The centre target needs the blind-spot network; a paper-network init warm-starts it.
+        config = replace(config, blind=True)
     device = resolve_device(settings.device, settings.precision, allow_fp16=False)
     sources = prepare_sources(stacks, settings)
 
@@ -298,13 +317,12 @@ def train(
     torch.manual_seed(settings.seed)
     model = NRRN.from_config(config)
     if init is not None:
-        model.load_state_dict(init.state_dict)
+        _load_init(model, init)
     wanted = acceleration.wants_compile(
         settings.compile, device, config.features,
         minutes=settings.minutes, steps=settings.steps, training=True,
     )  # fmt: skip
     model = acceleration.prepare(model, device, wanted)
-    loss_name = loss_for(settings.loss, settings.repeat_scans)
     loss_fn = LOSSES[loss_name]
     rng = np.random.default_rng(settings.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -352,7 +370,7 @@ def train(
         out_prev, out_next = acceleration.run_with_fallback(
             model, _branches, model, device, centre, prev, nxt
         )
-        loss = loss_fn(out_prev, out_next, prev, nxt)
+        loss = loss_fn(out_prev, out_next, prev, nxt, centre)
         if not math.isfinite(loss.item()):
             raise NRRNError(
                 f"training diverged at step {len(losses) + 1} (loss {float(loss)}) — lower the "
@@ -405,6 +423,9 @@ def train(
         "noise": None if noise is None else getattr(noise, "description", repr(noise)),
         "settings": asdict(settings),
         **asdict(report),
+        # The Poisson–Gaussian noise model of the raw training slices (the Denoiser refits it
+        # on every slice it denoises); not measured when the noise is synthetic.
+        "noise_model": None if noise is not None else fit_noise_model(train_pages[:8]).to_dict(),
         "device_name": device.name,
         "torch": torch.__version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

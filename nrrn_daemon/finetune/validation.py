@@ -110,7 +110,9 @@ def validation_loss(
                 out_prev, out_next = model.branches(centre_t, [prev_t, next_t])
                 for k, (_, weight) in enumerate(chunk):
                     one = slice(k, k + 1)
-                    value = loss_fn(out_prev[one], out_next[one], prev_t[one], next_t[one])
+                    value = loss_fn(
+                        out_prev[one], out_next[one], prev_t[one], next_t[one], centre_t[one]
+                    )
                     total += value.item() * weight
                     count += 1
     return total / count
