@@ -70,6 +70,7 @@ class LossChoice(StrEnum):
     auto = "auto"
     plain = "plain"
     eq3 = "eq3"
+    centre = "centre"
 
 
 PRECISION_HELP = "auto: bf16 where native (CUDA, CPUs with AVX512-BF16/AMX); float32 forces it."
