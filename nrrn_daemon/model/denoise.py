@@ -35,6 +35,7 @@ from nrrn_daemon.imaging.alignment import align_neighbours
 from nrrn_daemon.model import acceleration
 from nrrn_daemon.model.checkpoints import Checkpoint
 from nrrn_daemon.model.devices import resolve_device
+from nrrn_daemon.model.nrrn import unit_estimates
 from nrrn_daemon.model.posterior import fit_noise_model, posterior_mean, prior_variance
 from nrrn_daemon.model.tiling import Tile, paste, plan_tiles
 
@@ -290,6 +291,29 @@ class Denoiser:
             "alignment_shifts_px": [list(s) for s in self.last_alignment],
             "posterior": self.last_posterior,
         }
+
+    def unit_estimates(
+        self, centre: np.ndarray, neighbours: Sequence[np.ndarray] = ()
+    ) -> list[np.ndarray]:
+        """The estimate after every building unit, then the output, as images of the slice's
+        dtype (paper 2.2.4, Fig. 5): whole image, float32, neighbours aligned as in
+        :meth:`denoise`, network estimates only (no posterior step)."""
+        _check_inputs(centre, neighbours)
+        if self.align and neighbours:
+            neighbours, _ = align_neighbours(centre, neighbours)
+        mean, std = self.checkpoint.normalisation.stats_for(centre)
+        plan = plan_tiles(*centre.shape, max(centre.shape), 0)
+        inputs = [self._windows(image, plan, mean, std) for image in (centre, *neighbours)]
+        top = float(np.iinfo(centre.dtype).max)
+        model = self.model
+        with torch.inference_mode(), model.eager():  # type: ignore[operator]
+            steps = unit_estimates(model, *inputs)  # type: ignore[arg-type]
+        return [
+            np.clip(np.rint(t[0, 0].float().cpu().numpy() * std + mean), 0, top).astype(
+                centre.dtype
+            )
+            for t in steps
+        ]
 
     def denoise_whole(
         self, centre: np.ndarray, neighbours: Sequence[np.ndarray] = ()

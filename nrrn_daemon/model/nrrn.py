@@ -337,8 +337,13 @@ class NRRN(nn.Module):
             self._compiled_branch = compiled
 
     # -- one branch -------------------------------------------------------------------------
-    def _branch(self, centre: Tensor, h_hat: Tensor, h_tilde: Tensor) -> Tensor:
-        """Run BUs + NAtt + feedback + tail on stem features; returns the branch estimate."""
+    def _branch(
+        self, centre: Tensor, h_hat: Tensor, h_tilde: Tensor, trace: list[Tensor] | None = None
+    ) -> Tensor:
+        """Run BUs + NAtt + feedback + tail on stem features; returns the branch estimate.
+
+        ``trace``, when given, receives the running estimate after every BU (paper 2.2.4).
+        """
         estimate = centre
         h_tilde = torch.tanh(_wide(self.w1(h_tilde)))
         last = len(self.units) - 1
@@ -354,13 +359,17 @@ class NRRN(nn.Module):
                 vu, vr = _wide(unit.v(h_tilde)).chunk(2, dim=1)
             h_hat = unit.update(h_hat, h_tilde, vu, vr)
             estimate = estimate - unit.noise_scale * noise_attention(h_hat)
+            if trace is not None:
+                trace.append(estimate)
             h_hat = feedback(h_hat, estimate)
             if k < last:
                 h_tilde = torch.tanh(ahead if ahead is not None else _wide(self.w1(h_tilde)))
         h_hat = _wide(self.tail(F.relu(h_hat)))
         return estimate - self.tail_scale * noise_attention(h_hat)
 
-    def _blind_branch(self, start: Tensor, centre: Tensor, h_tilde: Tensor) -> Tensor:
+    def _blind_branch(
+        self, start: Tensor, centre: Tensor, h_tilde: Tensor, trace: list[Tensor] | None = None
+    ) -> Tensor:
         """The blind-spot branch: the centre stream in four half-plane directions.
 
         ``start`` ``(B, 1, H, W)`` is the neighbour (where the running estimate starts),
@@ -392,6 +401,8 @@ class NRRN(nn.Module):
             c = torch.tanh(wc + _gconv(gated, unit.v_c).reshape(b, d, h, height, width))
             hh = (1 - u) * h_tilde[:, None] + u * c
             estimate = estimate - unit.noise_scale * _directional_attention(hh)
+            if trace is not None:
+                trace.append(_wide(self.combine(estimate)))
             hh = torch.cat([torch.tanh(estimate)[:, :, None], hh[:, :, 1:]], dim=2)  # feedback
             h_hat = hh.reshape(b, d * h, height, width)
             if k < last:
@@ -400,7 +411,9 @@ class NRRN(nn.Module):
         estimate = estimate - self.tail_scale * _directional_attention(tail)
         return _wide(self.combine(estimate))
 
-    def blind_branches(self, centre: Tensor, neighbours: Sequence[Tensor]) -> list[Tensor]:
+    def blind_branches(
+        self, centre: Tensor, neighbours: Sequence[Tensor], trace: list[Tensor] | None = None
+    ) -> list[Tensor]:
         """:meth:`branches` of a blind model: the estimate at a pixel never sees that pixel of
         the centre (it sees the neighbours in full and the rest of the centre).
 
@@ -416,11 +429,15 @@ class NRRN(nn.Module):
         h_tilde0 = F.relu(self.stem(starts))
         shifted = torch.cat([_shift(centre, dy, dx) for dy, dx in _SHIFTS], dim=1)
         shifted = torch.cat([shifted] * k) if k > 1 else shifted
-        run = self._compiled_branch or self._blind_branch
-        out = run(starts, shifted, h_tilde0)
+        if trace is not None:
+            out = self._blind_branch(starts, shifted, h_tilde0, trace)
+        else:
+            out = (self._compiled_branch or self._blind_branch)(starts, shifted, h_tilde0)
         return list(out.split(n, dim=0))
 
-    def branches(self, centre: Tensor, neighbours: Sequence[Tensor]) -> list[Tensor]:
+    def branches(
+        self, centre: Tensor, neighbours: Sequence[Tensor], trace: list[Tensor] | None = None
+    ) -> list[Tensor]:
         """One estimate of the centre per neighbour, all branches sharing weights.
 
         The stem on the centre is computed once; the branches run as one batch.
@@ -438,7 +455,7 @@ class NRRN(nn.Module):
             ``len(neighbours)`` estimates, each ``(N, 1, H, W)``, in the neighbours' order.
         """
         if self.blind:
-            return self.blind_branches(centre, neighbours)
+            return self.blind_branches(centre, neighbours, trace)
         if not neighbours:
             raise ValueError("branches() needs at least one neighbour")
         k = len(neighbours)
@@ -448,8 +465,10 @@ class NRRN(nn.Module):
         # cat (not repeat) keeps the memory layout (channels-last): one compiled graph for all k.
         h_hat = torch.cat([h_hat0] * k) if k > 1 else h_hat0
         x = torch.cat([centre] * k) if k > 1 else centre
-        run = self._compiled_branch or self._branch
-        out = run(x, h_hat, h_tilde0)
+        if trace is not None:  # eager: the compiled graph has no trace
+            out = self._branch(x, h_hat, h_tilde0, trace)
+        else:
+            out = (self._compiled_branch or self._branch)(x, h_hat, h_tilde0)
         return list(out.split(n, dim=0))
 
     def forward(self, centre: Tensor, *neighbours: Tensor) -> Tensor:
@@ -465,6 +484,21 @@ class NRRN(nn.Module):
         if len(outs) == 1:
             return outs[0]
         return torch.stack(outs, dim=0).mean(dim=0)
+
+
+def unit_estimates(model: NRRN, centre: Tensor, *neighbours: Tensor) -> list[Tensor]:
+    """The estimate after every building unit, then the output (paper 2.2.4, Fig. 5).
+
+    ``blocks + 1`` tensors like :meth:`NRRN.forward`'s output (the mean over branches in a
+    triplet); the last is the output itself (after the tail).
+    """
+    if not neighbours and not model.blind:
+        neighbours = (centre,)
+    trace: list[Tensor] = []
+    outs = model.branches(centre, neighbours, trace)
+    n = centre.shape[0]
+    steps = [*trace, torch.cat(outs)]
+    return [torch.stack(t.split(n, dim=0)).mean(dim=0) for t in steps]
 
 
 def n2n_loss(

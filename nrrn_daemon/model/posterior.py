@@ -70,7 +70,11 @@ def fit_noise_model(images: Sequence[np.ndarray], top: float | None = None) -> N
     gradient of a 7×7-smoothed image: edges would pass as noise); they are binned by level in
     :data:`BINS` quantiles, each bin's variance is measured, bins the dtype's range would clip
     (level within 2σ of 0 or ``top``) are dropped, and a line is fitted by least squares
-    weighted by bin size, with ``a`` ≥ 0.
+    weighted by bin size, with ``a`` ≥ 0. Measured on FIB-25 with synthetic noise: Gaussian
+    σ 10–25 within a few % of σ² (plus the volume's own ~23); Poisson peak 10 and 30 within
+    ~10 % of the variance at mid-grey, but the slope ``a`` is underestimated by up to ~35 % at
+    peak 10 and badly at peak 4 (12–17 instead of 64), where 8-bit clipping hides the bright
+    bins — the posterior weights are then too trusting of the pixel in bright regions.
 
     Parameters
     ----------
