@@ -39,8 +39,13 @@ def denoise_stack(
     databar: str = "none",
     databar_rows: int = 0,
     on_slice: Callable[[int, int, str], None] | None = None,
+    intermediate: Path | None = None,
 ) -> list[Path]:
     """Denoise one stack into ``output``; returns the written files.
+
+    ``intermediate``: also write the estimate after every building unit (paper 2.2.4, Fig. 5)
+    of each slice there, as ``<name>_bu<k>.tif`` (k = 1 … blocks; the output is the last one
+    after the tail and the posterior step); files of the outputs' dtype.
 
     ``databar``/``databar_rows`` crop the microscope's info strip off per-slice files before
     denoising and copy it through, as the daemon does (see :func:`imageio.read_slice`).
@@ -78,6 +83,8 @@ def denoise_stack(
         for old in [k for k in cache if k < i - 1]:
             del cache[old]
         neighbours = neighbour_indices(i, n, inputs_per_estimate)
+        if intermediate is not None:
+            _write_unit_estimates(denoiser, intermediate, stack, i, pixels, neighbours)
         if stack.source_kind == "files":
             centre = read_slice(stack.paths[i], databar, databar_rows)
             out = denoiser.denoise(centre.pixels, [pixels(j) for j in neighbours])
@@ -104,11 +111,30 @@ def denoise_stack(
     return written
 
 
-def _describe(denoiser: Denoiser, neighbours: list[str]) -> str:
+def _write_unit_estimates(
+    denoiser: Denoiser,
+    folder: Path,
+    stack: Stack,
+    i: int,
+    pixels: Callable[[int], np.ndarray],
+    neighbours: Sequence[int],
+) -> None:
+    folder = Path(folder)
+    _refuse_input_folder(stack, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(stack.names[i]).stem if stack.source_kind == "files" else f"{stack.stem}_z{i:04d}"
+    steps = denoiser.unit_estimates(pixels(i), [pixels(j) for j in neighbours])
+    for k, image in enumerate(steps[:-1], start=1):
+        write_stack(safe_join(folder, f"{stem}_bu{k}.tif"), image[None], _describe(
+            denoiser, [stack.names[j] for j in neighbours], f"estimate after building unit {k}"
+        ))  # fmt: skip
+
+
+def _describe(denoiser: Denoiser, neighbours: list[str], what: str = "") -> str:
     return json.dumps(
         {
             "software": f"nrrn-daemon {__version__}",
-            "what": "NRRN denoised (offline)",
+            "what": what or "NRRN denoised (offline)",
             "model_sha256": denoiser.checkpoint.content_sha256,
             "neighbours": neighbours,
             "device": denoiser.device,

@@ -159,6 +159,10 @@ def denoise(
     databar_rows: Annotated[int, typer.Option(min=0, help="With --databar rows: its height.")] = 0,
     precision: Annotated[PrecisionChoice, typer.Option(help=PRECISION_HELP)] = PrecisionChoice.auto,
     compile: Annotated[CompileChoice, typer.Option(help=COMPILE_HELP)] = CompileChoice.auto,
+    intermediate: Annotated[
+        Path | None,
+        typer.Option(help="Also write each slice's estimate after every building unit here."),
+    ] = None,
 ) -> None:
     """Denoise stacks offline: same shape and dtype out, one file per input file."""
     from nrrn_daemon.batch.offline import denoise_stack
@@ -188,6 +192,7 @@ def denoise(
                 on_slice=tick,
                 databar=databar.value,
                 databar_rows=databar_rows,
+                intermediate=intermediate,
             )
             bar.update(task, info=f"→ {written[0].parent if written else output}")
     console.print(f"done: model {ckpt.short_sha} on {denoiser.device} ({denoiser.precision})")
