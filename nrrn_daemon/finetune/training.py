@@ -9,18 +9,25 @@ validate, normalisation, augmentation, synthetic noise, the random crops — is 
 :mod:`nrrn_daemon.finetune.data`; the held-out blocks and the validation loss are in
 :mod:`nrrn_daemon.finetune.validation`.
 
-**The loss: eq. 3, or eq. 3 without its last term (``plain``, the default for adjacent
-slices).** Eq. 3's last term (−¼‖x' − x''‖²) averages to zero for repeat scans (one signal), but
-between adjacent slices it pays each branch for extrapolating towards the neighbour it did not
-see, which amplifies noise and dominates when the noise is light (the derivation is in
-:func:`~nrrn_daemon.model.nrrn.n2n_loss`). Measured on FIB-25 (BENCHMARKS §1), 300 fine-tune steps
-from the shipped base on the held-out block: Gaussian σ 25 gives 25.74 dB with eq. 3 and
+**The loss: eq. 3, eq. 3 without its last term (``plain``, the default for adjacent slices),
+or the blind-spot centre target (``centre``).** Eq. 3's linear term in the branches'
+half-difference d does *not* average to zero, even for repeat scans: its expectation
+½(E⟨x', n_{j−1}⟩ + E⟨x'', n_{j+1}⟩) cancels the noise-fitting reward of the other two terms,
+which is what gives E[eq. 3] = E‖m − s‖² + σ² for repeat scans; ``plain`` = eq. 3 + ‖d‖².
+Between adjacent slices the term also pays each branch for extrapolating towards the neighbour
+it did not see, which amplifies noise and dominates when the noise is light (the derivation is
+in :func:`~nrrn_daemon.model.nrrn.n2n_loss`). Measured on FIB-25 (BENCHMARKS §1), 300 fine-tune
+steps from the shipped base on the held-out block: Gaussian σ 25 gives 25.74 dB with eq. 3 and
 29.61 dB with ``plain`` (base 29.57); Poisson peak 4 gives 24.50 and 24.20 dB (base 24.04), the
 small price ``plain`` pays at heavy noise. So ``loss="auto"`` trains adjacent slices with
 ``plain`` (:func:`~nrrn_daemon.model.nrrn.plain_loss`: each branch still scored against the
-neighbour it did not see, the paper's Noise2Noise pairing) and repeat scans with eq. 3, where its
-derivation holds; either can be forced. Validation (and the promotion gate) uses the loss the
-model was trained with.
+neighbour it did not see, the paper's Noise2Noise pairing) and repeat scans with eq. 3; either
+can be forced. Both train towards the *neighbours'* signal. ``centre``
+(:func:`~nrrn_daemon.model.nrrn.centre_loss`) trains the blind-spot network
+(:attr:`~nrrn_daemon.model.nrrn.NRRNConfig.blind`; a paper-network ``init`` warm-starts it) with
+the centre slice itself as target; ``auto`` does not pick it yet (BENCHMARKS §1). Validation
+uses the loss the model was trained with; the promotion gate uses the loss-neutral
+:func:`~nrrn_daemon.finetune.validation.centre_measure`.
 
 Choices where the paper leaves room (measurements in the helper's report and ``scripts/``):
 
