@@ -62,18 +62,37 @@ def align_neighbours(
 ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
     """Each neighbour resampled onto the centre's grid, and its estimated shift.
 
+    A shift is applied only when it is at least ``min_shift`` px and the resampled neighbour
+    correlates better with the centre than the original (smoothed crops): a spurious
+    correlation peak (periodic structure, slices that do not match) leaves the neighbour alone.
+
     Returns
     -------
     (aligned, shifts)
-        The neighbours (the same arrays where the shift is below ``min_shift``) and each
-        neighbour's ``(dy, dx)`` in px, rounded to 1/100 px, for provenance.
+        The neighbours (the same arrays where nothing was resampled) and the ``(dy, dx)``
+        applied to each, in px rounded to 1/100 (``(0, 0)`` where none), for provenance.
     """
     aligned, shifts = [], []
     for image in neighbours:
         dy, dx = estimate_shift(centre, image)
+        if np.hypot(dy, dx) >= min_shift:
+            moved = apply_shift(image, (dy, dx))
+            if _agreement(centre, moved) > _agreement(centre, image):
+                shifts.append((round(dy, 2), round(dx, 2)))
+                aligned.append(moved)
+                continue
+            dy = dx = 0.0  # a spurious peak (periodic structure, unrelated slices): keep as is
         shifts.append((round(dy, 2), round(dx, 2)))
-        if np.hypot(dy, dx) < min_shift:
-            aligned.append(image)
-        else:
-            aligned.append(apply_shift(image, (dy, dx)))
+        aligned.append(image)
     return aligned, shifts
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of the smoothed central crops, edges left out (the guard against a shift
+    that does not actually bring the neighbour closer to the centre)."""
+    x, y = (ndimage.gaussian_filter(_crop(im).astype(np.float64), 2.0) for im in (a, b))
+    inner = (slice(8, -8), slice(8, -8))
+    x, y = x[inner].ravel(), y[inner].ravel()
+    if x.size < 2 or x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])

@@ -32,8 +32,9 @@ def test_a_known_sub_pixel_shift_is_recovered(
 
 def test_small_shifts_are_left_alone_and_large_ones_resampled(fib25: np.ndarray) -> None:
     centre = fib25[205]
-    aligned, shifts = align_neighbours(centre, [fib25[205], shifted(fib25[205], (-2.5, 1.5))])
-    assert aligned[0] is fib25[205] and shifts[0] == (0.0, 0.0)
+    aligned, shifts = align_neighbours(centre, [centre, shifted(centre, (-2.5, 1.5))])
+    assert aligned[0] is centre and shifts[0] == (0.0, 0.0)
+    assert shifts[1] == pytest.approx((2.5, -1.5), abs=0.1)
     assert aligned[1].dtype == np.uint8 and aligned[1].shape == centre.shape
     inner = (slice(8, -8), slice(8, -8))
     assert psnr(aligned[1][inner], centre[inner]) > psnr(shifted(centre, (-2.5, 1.5))[inner],
@@ -55,8 +56,9 @@ def test_denoising_a_drifted_stack_gains_with_alignment(fib25: np.ndarray) -> No
         with_ = psnr(aligned.denoise(noisy[0], [noisy[1], noisy[2]]), fib25[z])
         without = psnr(unaligned.denoise(noisy[0], [noisy[1], noisy[2]]), fib25[z])
         recorded = aligned.provenance()["alignment_shifts_px"]
-        # Recorded: the shift that undoes each drift.
+        # Recorded: the shift that undoes each drift, plus the slices' own offset (adjacent
+        # FIB-25 slices differ in content and register ~0.4 px apart without any drift).
         for (dy, dx), (ty, tx) in zip(recorded, drift, strict=True):
-            assert np.hypot(dy + ty, dx + tx) < 0.5
+            assert np.hypot(dy + ty, dx + tx) < 0.75
         gains.append(with_ - without)
     assert np.mean(gains) > 0.1, gains
