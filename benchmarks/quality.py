@@ -106,7 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-patch", type=int, default=96, help="Crop side (CLI default 96).")
     p.add_argument("--finetune-batch", type=int, default=8, help="Triplets per step.")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="Peak lr (CLI default 1e-3).")
-    p.add_argument("--finetune-losses", default="plain", help="Comma-separated: plain and/or eq3.")
+    p.add_argument(
+        "--finetune-losses", default="plain", help="Comma-separated: plain, eq3 and/or centre."
+    )
     p.add_argument(
         "--previous-checkpoint", type=Path, default=None, help="Also score this one (no margin)."
     )

@@ -44,8 +44,13 @@ def denoise_stack(
     on_slice: Callable[[int, int, str], None] | None = None,
     frames: FrameSettings | None = DEFAULT_FRAMES,
     on_unusable: Callable[[str, str], None] | None = None,
+    intermediate: Path | None = None,
 ) -> list[Path]:
     """Denoise one stack into ``output``; returns the written files.
+
+    ``intermediate``: also write the estimate after every building unit (paper 2.2.4, Fig. 5)
+    of each slice there, as ``<name>_bu<k>.tif`` (k = 1 … blocks; the output is the last one
+    after the tail and the posterior step); files of the outputs' dtype.
 
     ``databar``/``databar_rows`` crop the microscope's info strip off per-slice files before
     denoising and copy it through, as the daemon does (see :func:`imageio.read_slice`).
@@ -103,6 +108,8 @@ def denoise_stack(
             del cache[old]
         # ... and has none itself (it is denoised alone).
         neighbours = [] if i in bad else neighbour_indices(i, usable, inputs_per_estimate)
+        if intermediate is not None:
+            _write_unit_estimates(denoiser, intermediate, stack, i, pixels, neighbours)
         if stack.source_kind == "files":
             centre = read_slice(stack.paths[i], databar, databar_rows)
             out = estimate(i, centre.pixels, neighbours)
@@ -131,14 +138,33 @@ def denoise_stack(
     return written
 
 
+def _write_unit_estimates(
+    denoiser: Denoiser,
+    folder: Path,
+    stack: Stack,
+    i: int,
+    pixels: Callable[[int], np.ndarray],
+    neighbours: Sequence[int],
+) -> None:
+    folder = Path(folder)
+    _refuse_input_folder(stack, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(stack.names[i]).stem if stack.source_kind == "files" else f"{stack.stem}_z{i:04d}"
+    steps = denoiser.unit_estimates(pixels(i), [pixels(j) for j in neighbours])
+    for k, image in enumerate(steps[:-1], start=1):
+        write_stack(safe_join(folder, f"{stem}_bu{k}.tif"), image[None], _describe(
+            denoiser, [stack.names[j] for j in neighbours], what=f"estimate after building unit {k}"
+        ))  # fmt: skip
+
+
 def _describe(
     denoiser: Denoiser,
     neighbours: list[str],
     *,
     unusable: Verdict | None = None,
     pages: dict[int, str] | None = None,
+    what: str = "NRRN denoised (offline)",
 ) -> str:
-    what = "NRRN denoised (offline)"
     extra: dict[str, object] = {}
     if unusable is not None:
         done = "denoised alone" if unusable.has_signal else "copy of the input, not denoised"

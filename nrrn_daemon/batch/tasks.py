@@ -235,6 +235,7 @@ def process_slice(
         "normalisation": denoiser.checkpoint.normalisation.to_dict(),
         "databar": job.databar, "databar_rows": job.databar_rows,
         "inputs": len(neighbours) + 1, "reprocess": True,
+        **denoiser.provenance(),
     }  # fmt: skip
     pixels_sha = hashlib.sha256(np.ascontiguousarray(denoised).tobytes()).hexdigest()
     output_sha = None

@@ -71,6 +71,7 @@ class LossChoice(StrEnum):
     auto = "auto"
     plain = "plain"
     eq3 = "eq3"
+    centre = "centre"
 
 
 _TILE = ModelSettings.model_fields["tile"]

@@ -68,7 +68,8 @@ def train(
     loss: Annotated[
         LossChoice,
         typer.Option(
-            help="eq3: the paper's; plain: eq. 3 without its last term. "
+            help="eq3: the paper's; plain: eq. 3 without its last term; centre: the "
+            "blind-spot network scored against the centre slice itself. "
             "auto: plain for adjacent slices, eq3 for --repeat-scans."
         ),
     ] = LossChoice.auto,
@@ -169,6 +170,10 @@ def denoise(
             help="Never use a blank, saturated, cut-short or unrelated slice as a neighbour.",
         ),
     ] = True,
+    intermediate: Annotated[
+        Path | None,
+        typer.Option(help="Also write each slice's estimate after every building unit here."),
+    ] = None,
 ) -> None:
     """Denoise stacks offline: same shape and dtype out, one file per input file."""
     from nrrn_daemon.batch.offline import DEFAULT_FRAMES, denoise_stack
@@ -202,6 +207,7 @@ def denoise(
                 on_unusable=lambda name, why: err_console.print(
                     f"[yellow]{name}: unusable: {why} — not used as a neighbour[/]"
                 ),
+                intermediate=intermediate,
             )
             bar.update(task, info=f"→ {written[0].parent if written else output}")
     console.print(f"done: model {ckpt.short_sha} on {denoiser.device} ({denoiser.precision})")

@@ -198,6 +198,7 @@ def run_model(
         "databar": databar,
         "databar_rows": databar_rows,
         "inputs": len(inputs.neighbours) + 1,
+        **denoiser.provenance(),  # neighbour shifts, posterior noise model
     }
     description = describe(inputs.work, model, denoiser, settings)
     return Denoised(

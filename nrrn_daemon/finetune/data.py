@@ -14,6 +14,9 @@ Choices where the paper leaves room (measurements in the helper's report and ``s
 * **Validation** slices are held out in blocks of consecutive slices
   (:mod:`nrrn_daemon.finetune.validation`): no training triplet contains a held-out slice, and only
   triplets wholly inside a block validate, so no slice is seen by both.
+* **Alignment**: on real data, each neighbour crop is resampled onto its centre's grid when the
+  two slices drifted by ≥ 0.5 px (:mod:`nrrn_daemon.imaging.alignment`, the Denoiser's rule), so
+  training sees what inference sees.
 * **Augmentation**: one of the 8 flips/90° rotations, the same for the three images of a triplet.
 * **Synthetic noise** (``noise=``, for training on clean data): called once per triplet on its
   three images stacked, so a hook draws independent pixels (independent noise per slice, as
@@ -39,6 +42,7 @@ from torch import Tensor
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.finetune.validation import Triplet, validation_blocks
 from nrrn_daemon.frames import judge_stack
+from nrrn_daemon.imaging.alignment import MIN_SHIFT, apply_shift, estimate_shift
 from nrrn_daemon.model.checkpoints import Normalisation, slice_stats
 
 if TYPE_CHECKING:  # only for annotations: training imports this module
@@ -206,10 +210,32 @@ class Sampler:
         self.patch = min(patch, smallest)
         # Slice mode on real data: whole-slice stats of every centre, once (as the Denoiser does).
         self.stats: dict[tuple[int, int], tuple[float, float]] = {}
+        self.shifts: dict[tuple[int, int, int], tuple[float, float]] = {}
         if normalisation.mode == "slice" and noise is None:
             for s, src in enumerate(sources):
                 for i, page in src.pages.items():
                     self.stats[s, i] = slice_stats(page)
+
+    def _aligned_crop(self, s: int, centre: int, other: int, y: int, x: int) -> np.ndarray:
+        """The crop of page ``other`` at (y, x), resampled onto ``centre``'s grid.
+
+        The shift between the two whole slices is estimated once
+        (:func:`~nrrn_daemon.imaging.alignment.estimate_shift`, as the Denoiser does at
+        inference); a drift below :data:`~nrrn_daemon.imaging.alignment.MIN_SHIFT` px is left.
+        """
+        pages, p = self.sources[s].pages, self.patch
+        key = (s, centre, other)
+        if key not in self.shifts:
+            self.shifts[key] = estimate_shift(pages[centre], pages[other])
+        dy, dx = self.shifts[key]
+        if math.hypot(dy, dx) < MIN_SHIFT:
+            return pages[other][y : y + p, x : x + p]
+        height, width = pages[other].shape
+        m = math.ceil(max(abs(dy), abs(dx))) + 4  # spline support around the crop
+        y0, x0 = max(y - m, 0), max(x - m, 0)
+        window = pages[other][y0 : min(y + p + m, height), x0 : min(x + p + m, width)]
+        moved = apply_shift(window, (dy, dx))
+        return moved[y - y0 : y - y0 + p, x - x0 : x - x0 + p]
 
     def batch(self, rng: np.random.Generator, size: int) -> tuple[Tensor, Tensor, Tensor]:
         crops = [self.sample(rng) for _ in range(size)]
@@ -227,7 +253,12 @@ class Sampler:
         p = self.patch
         y, x = int(rng.integers(height - p + 1)), int(rng.integers(width - p + 1))
         if self.noise is None:
-            images = [pages[i][y : y + p, x : x + p] for i in (prev, centre, nxt)]
+            images = [
+                self._aligned_crop(s, centre, i, y, x)
+                if i != centre
+                else pages[i][y : y + p, x : x + p]
+                for i in (prev, centre, nxt)
+            ]
             mean, std = self.stats.get((s, centre)) or self.norm.stats_for(pages[centre])
         else:
             wy, wx, wh, ww = _window(y, x, p, height, width)

@@ -5,9 +5,14 @@ trained on); the fine-tune (:mod:`nrrn_daemon.finetune.run`) calls it and record
 
 The rules, on the same validation triplets for both models:
 
-1. **N2N validation loss** in grey levels (``grey_levels=True``: the two models may normalise
-   differently), same crops and seed, with the loss the candidate was trained on (``plain`` or
-   ``eq3``) for both: the candidate must be strictly lower.
+1. **The loss-neutral centre measure**
+   (:func:`~nrrn_daemon.finetune.validation.centre_measure`) in grey levels, same crops and
+   seed for both: an unbiased estimate of the MSE to the clean centre plus the noise variance,
+   for any model, so a candidate trained with another objective (the blind-spot ``centre``
+   loss against a ``plain`` parent, say) is judged on equal terms. The candidate must be
+   strictly lower. (Each model's own training loss would not do: the ``plain`` loss scores
+   against the neighbours, the ``centre`` loss against the centre, and their values differ
+   by more than any model difference.)
 2. **Noise left** (no reference): median wavelet-MAD σ
 (:func:`~nrrn_daemon.evaluation.metrics.estimate_noise`)
    of the denoised validation centres may not exceed the parent's by more than
@@ -32,7 +37,7 @@ import numpy as np
 
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.evaluation.metrics import estimate_noise
-from nrrn_daemon.finetune.validation import Triplet, validation_loss
+from nrrn_daemon.finetune.validation import Triplet, centre_measure
 from nrrn_daemon.model.checkpoints import Checkpoint
 
 NOISE_TOLERANCE = 0.05
@@ -101,7 +106,7 @@ def judge(
     device, patch, crops, seed
         Where to run, and the validation crops (identical for both models).
     loss
-        The validation loss (:data:`~nrrn_daemon.model.nrrn.LOSSES`): the candidate's training loss.
+        The candidate's training loss; recorded only (rule 1 is loss-neutral).
     precision
         Of the denoised check crops (the validation loss is always float32); not compiled:
         a few passes do not repay a compilation.
@@ -120,10 +125,9 @@ def judge(
     metrics: dict[str, dict[str, float]] = {}
     for name, ckpt in (("parent", parent), ("candidate", candidate)):
         den = Denoiser(ckpt, device=device, tile=None, precision=precision, compile="off")
-        val_loss = validation_loss(
-            den.model, triplets, ckpt.normalisation, patch=patch, crops=crops, seed=seed,
-            grey_levels=True, loss=loss,
-        )  # fmt: skip
+        val_loss = centre_measure(
+            den.model, triplets, ckpt.normalisation, patch=patch, crops=crops, seed=seed
+        )
         outputs[name] = [den.denoise(c, [p, n]).astype(np.float64) for p, c, n in checks]
         metrics[name] = {
             "val_loss": float(val_loss),
@@ -138,7 +142,8 @@ def judge(
     reasons = []
     if not c["val_loss"] < p["val_loss"]:
         reasons.append(
-            f"validation loss {c['val_loss']:.4g} not below parent's {p['val_loss']:.4g}"
+            f"validation loss (centre measure) {c['val_loss']:.4g} not below parent's "
+            f"{p['val_loss']:.4g}"
         )
     if c["noise_sigma"] > p["noise_sigma"] * (1 + NOISE_TOLERANCE) + 1e-6:
         reasons.append(
@@ -151,6 +156,9 @@ def judge(
             f"parent's {p['residual_structure']:.3f}): over-smoothing"
         )
     if not reasons:
-        reasons.append(f"validation loss {c['val_loss']:.4g} < parent's {p['val_loss']:.4g}")
+        reasons.append(
+            f"validation loss (centre measure) {c['val_loss']:.4g} < parent's "
+            f"{p['val_loss']:.4g} (candidate trained with {loss})"
+        )
         return Verdict(True, reasons, p, c)
     return Verdict(False, reasons, p, c)

@@ -9,18 +9,25 @@ validate, normalisation, augmentation, synthetic noise, the random crops — is 
 :mod:`nrrn_daemon.finetune.data`; the held-out blocks and the validation loss are in
 :mod:`nrrn_daemon.finetune.validation`.
 
-**The loss: eq. 3, or eq. 3 without its last term (``plain``, the default for adjacent
-slices).** Eq. 3's last term (−¼‖x' − x''‖²) averages to zero for repeat scans (one signal), but
-between adjacent slices it pays each branch for extrapolating towards the neighbour it did not
-see, which amplifies noise and dominates when the noise is light (the derivation is in
-:func:`~nrrn_daemon.model.nrrn.n2n_loss`). Measured on FIB-25 (BENCHMARKS §1), 300 fine-tune steps
-from the shipped base on the held-out block: Gaussian σ 25 gives 25.74 dB with eq. 3 and
+**The loss: eq. 3, eq. 3 without its last term (``plain``, the default for adjacent slices),
+or the blind-spot centre target (``centre``).** Eq. 3's linear term in the branches'
+half-difference d does *not* average to zero, even for repeat scans: its expectation
+½(E⟨x', n_{j−1}⟩ + E⟨x'', n_{j+1}⟩) cancels the noise-fitting reward of the other two terms,
+which is what gives E[eq. 3] = E‖m − s‖² + σ² for repeat scans; ``plain`` = eq. 3 + ‖d‖².
+Between adjacent slices the term also pays each branch for extrapolating towards the neighbour
+it did not see, which amplifies noise and dominates when the noise is light (the derivation is
+in :func:`~nrrn_daemon.model.nrrn.n2n_loss`). Measured on FIB-25 (BENCHMARKS §1), 300 fine-tune
+steps from the shipped base on the held-out block: Gaussian σ 25 gives 25.74 dB with eq. 3 and
 29.61 dB with ``plain`` (base 29.57); Poisson peak 4 gives 24.50 and 24.20 dB (base 24.04), the
 small price ``plain`` pays at heavy noise. So ``loss="auto"`` trains adjacent slices with
 ``plain`` (:func:`~nrrn_daemon.model.nrrn.plain_loss`: each branch still scored against the
-neighbour it did not see, the paper's Noise2Noise pairing) and repeat scans with eq. 3, where its
-derivation holds; either can be forced. Validation (and the promotion gate) uses the loss the
-model was trained with.
+neighbour it did not see, the paper's Noise2Noise pairing) and repeat scans with eq. 3; either
+can be forced. Both train towards the *neighbours'* signal. ``centre``
+(:func:`~nrrn_daemon.model.nrrn.centre_loss`) trains the blind-spot network
+(:attr:`~nrrn_daemon.model.nrrn.NRRNConfig.blind`; a paper-network ``init`` warm-starts it) with
+the centre slice itself as target; ``auto`` does not pick it yet (BENCHMARKS §1). Validation
+uses the loss the model was trained with; the promotion gate uses the loss-neutral
+:func:`~nrrn_daemon.finetune.validation.centre_measure`.
 
 Choices where the paper leaves room (measurements in the helper's report and ``scripts/``):
 
@@ -47,7 +54,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -68,6 +75,7 @@ from nrrn_daemon.model import acceleration
 from nrrn_daemon.model.checkpoints import Checkpoint, Normalisation, NormMode
 from nrrn_daemon.model.devices import PRECISIONS, DeviceInfo, resolve_device
 from nrrn_daemon.model.nrrn import LOSSES, NRRN, NRRNConfig
+from nrrn_daemon.model.posterior import fit_noise_model
 
 ProgressCallback = Callable[[int, "int | None", float, float], None]
 """``on_progress(step, total_steps_or_None, loss, elapsed_s)``, called after every step."""
@@ -244,6 +252,20 @@ def _branches(
     return out_prev.float(), out_next.float()
 
 
+def _load_init(model: NRRN, init: Checkpoint) -> None:
+    """Start from ``init``'s weights; a paper-network init of a blind model keeps all it has.
+
+    The blind network has the same weights as the paper's plus ``combine`` (left at its start,
+    the mean of the four directions); its masked convs use the rest of each kernel.
+    """
+    if init.config.blind == model.blind:
+        model.load_state_dict(init.state_dict)
+        return
+    missing, unexpected = model.load_state_dict(init.state_dict, strict=False)
+    if unexpected or any(not k.startswith("combine.") for k in missing):
+        raise ValueError(f"cannot start a {model.config} from a {init.config} checkpoint")
+
+
 def train(
     stacks: Sequence[StackLike],
     settings: TrainSettings,
@@ -288,6 +310,10 @@ def train(
     if init is not None and config is not None and config != init.config:
         raise ValueError(f"config {config} differs from the init checkpoint's {init.config}")
     config = init.config if init is not None else (config or NRRNConfig())
+    loss_name = loss_for(settings.loss, settings.repeat_scans)
+    if loss_name == "centre" and not config.blind:
+        # The centre target needs the blind-spot network; a paper-network init warm-starts it.
+        config = replace(config, blind=True)
     device = resolve_device(settings.device, settings.precision, allow_fp16=False)
     sources = prepare_sources(stacks, settings)
 
@@ -304,13 +330,12 @@ def train(
     torch.manual_seed(settings.seed)
     model = NRRN.from_config(config)
     if init is not None:
-        model.load_state_dict(init.state_dict)
+        _load_init(model, init)
     wanted = acceleration.wants_compile(
         settings.compile, device, config.features,
         minutes=settings.minutes, steps=settings.steps, training=True,
     )  # fmt: skip
     model = acceleration.prepare(model, device, wanted)
-    loss_name = loss_for(settings.loss, settings.repeat_scans)
     loss_fn = LOSSES[loss_name]
     rng = np.random.default_rng(settings.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -358,7 +383,7 @@ def train(
         out_prev, out_next = acceleration.run_with_fallback(
             model, _branches, model, device, centre, prev, nxt
         )
-        loss = loss_fn(out_prev, out_next, prev, nxt)
+        loss = loss_fn(out_prev, out_next, prev, nxt, centre)
         if not math.isfinite(loss.item()):
             raise NRRNError(
                 f"training diverged at step {len(losses) + 1} (loss {float(loss)}) — lower the "
@@ -414,6 +439,9 @@ def train(
             "frames": settings.frames.model_dump() if settings.frames else None,
         },
         **asdict(report),
+        # The Poisson–Gaussian noise model of the raw training slices (the Denoiser refits it
+        # on every slice it denoises); not measured when the noise is synthetic.
+        "noise_model": None if noise is not None else fit_noise_model(train_pages[:8]).to_dict(),
         "device_name": device.name,
         "torch": torch.__version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

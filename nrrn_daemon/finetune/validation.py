@@ -110,7 +110,84 @@ def validation_loss(
                 out_prev, out_next = model.branches(centre_t, [prev_t, next_t])
                 for k, (_, weight) in enumerate(chunk):
                     one = slice(k, k + 1)
-                    value = loss_fn(out_prev[one], out_next[one], prev_t[one], next_t[one])
+                    value = loss_fn(
+                        out_prev[one], out_next[one], prev_t[one], next_t[one], centre_t[one]
+                    )
                     total += value.item() * weight
                     count += 1
+    return total / count
+
+
+MEASURE_STRIDE = 4
+"""Grid step of the pixels the centre measure scores (1/16 of the pixels per offset)."""
+MEASURE_OFFSETS = ((0, 0), (2, 2))
+
+
+def _masked(centre: np.ndarray, oy: int, ox: int, stride: int) -> np.ndarray:
+    """``centre`` with the grid pixels replaced by the mean of their four neighbours.
+
+    No grid pixel is another's neighbour (stride ≥ 2), so the replacement carries no trace of
+    the grid pixels' own noise: the Noise2Self construction of a J-invariant function.
+    """
+    padded = np.pad(centre, 1, mode="reflect")
+    mean4 = (padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]) / 4
+    out = centre.copy()
+    out[oy::stride, ox::stride] = mean4[oy::stride, ox::stride]
+    return out
+
+
+def centre_measure(
+    model: NRRN,
+    triplets: Sequence[Triplet],
+    normalisation: Normalisation,
+    *,
+    patch: int = 128,
+    crops: int = 2,
+    seed: int = 0,
+) -> float:
+    """The loss-neutral model measure: squared error to the *noisy centre*, J-invariantly.
+
+    On grid pixels J of fixed crops of held-out triplets (:data:`MEASURE_STRIDE`,
+    :data:`MEASURE_OFFSETS`), the triplet output at J is scored against the noisy centre
+    there, in squared grey levels. The output at J never depends on the centre's noise at J —
+    a blind model (:attr:`~nrrn_daemon.model.nrrn.NRRNConfig.blind`) by construction; a paper
+    network because its centre is given with J replaced by the mean of its four neighbours
+    (Noise2Self) — and that noise is independent of everything else the model sees, so the
+    measure is an unbiased estimate of the MSE to the clean centre plus the noise variance,
+    whatever the model was trained with. Candidates trained with different objectives are
+    therefore compared on equal terms (the noise variance is the same for both). What it
+    scores is the model's J-invariant prediction: a blind model's estimate before the
+    posterior step, a paper network's output with the pixel masked.
+
+    Returns
+    -------
+    float
+        Mean squared grey levels; ``nan`` for no triplets.
+    """
+    if not triplets:
+        return float("nan")
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad(), model.eager():
+        for prev, centre, nxt in triplets:
+            mean, std = normalisation.stats_for(centre)
+            height, width = centre.shape
+            p = min(patch, height, width)
+            for _ in range(crops):
+                y, x = int(rng.integers(height - p + 1)), int(rng.integers(width - p + 1))
+                crop = [im[y : y + p, x : x + p].astype(np.float64) for im in (prev, centre, nxt)]
+                for oy, ox in MEASURE_OFFSETS:
+                    given = crop[1] if model.blind else _masked(crop[1], oy, ox, MEASURE_STRIDE)
+                    x_in = [
+                        torch.from_numpy(((im - mean) / std).astype(np.float32))[None, None]
+                        for im in (given, crop[0], crop[2])
+                    ]
+                    out = model(*(t.to(device) for t in x_in))[0, 0].cpu().numpy()
+                    levels = out.astype(np.float64) * std + mean
+                    err = levels - crop[1]
+                    scored = err[oy::MEASURE_STRIDE, ox::MEASURE_STRIDE]
+                    total += float((scored**2).sum())
+                    count += scored.size
     return total / count

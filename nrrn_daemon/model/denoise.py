@@ -31,9 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from nrrn_daemon.errors import Abandoned, InputError, NRRNError
+from nrrn_daemon.imaging.alignment import align_neighbours
 from nrrn_daemon.model import acceleration
 from nrrn_daemon.model.checkpoints import Checkpoint
 from nrrn_daemon.model.devices import resolve_device
+from nrrn_daemon.model.nrrn import unit_estimates
+from nrrn_daemon.model.posterior import fit_noise_model, posterior_mean, prior_variance
 from nrrn_daemon.model.tiling import Tile, paste, plan_tiles
 
 MIN_TILE = 64
@@ -73,6 +76,15 @@ class Denoiser:
         :mod:`nrrn_daemon.model.acceleration`; falls back to eager, logged once, where it cannot).
     channels_last
         Memory layout; False only for the speed benchmark's baseline (it is slower).
+    align
+        Resample each neighbour onto the centre's grid first
+        (:func:`~nrrn_daemon.imaging.alignment.align_neighbours`: sub-pixel drift between
+        slices); False only to measure what alignment buys.
+
+    A blind-spot checkpoint (:attr:`~nrrn_daemon.model.nrrn.NRRNConfig.blind`) is followed by
+    the posterior step (:mod:`nrrn_daemon.model.posterior`): the noise model is fitted on the
+    raw centre slice, and the blind estimate and the noisy pixel are combined, on the whole
+    slice after the tiles are stitched (so tiling does not change the output).
 
     Attributes
     ----------
@@ -83,6 +95,10 @@ class Denoiser:
         Why that precision ("CPU has amx_bf16, avx512_bf16", "float32 forced"...).
     halo
         Context pixels around each core: the model's :attr:`NRRNConfig.halo`.
+    last_alignment, last_posterior
+        Of the last :meth:`denoise` call: each neighbour's ``(dy, dx)`` shift in px, and the
+        posterior step's noise model ``a``, ``b`` and prior variance (None for a paper-network
+        checkpoint); :meth:`provenance` gives both as recorded with every output.
     last_timing
         Of the last :meth:`denoise` call: ``normalise_s``, ``model_s``, ``total_s`` (seconds),
         ``tiles``, ``tile`` (0 = whole image), ``tile_batch``, ``oom_retries``.
@@ -104,6 +120,7 @@ class Denoiser:
         precision: str = "auto",
         compile: str = "auto",
         channels_last: bool = True,
+        align: bool = True,
     ) -> None:
         if tile is not None and tile < 1:
             raise ValueError(f"tile must be ≥ 1 or None, got {tile}")
@@ -123,6 +140,9 @@ class Denoiser:
         self.tile_batch = tile_batch
         self.halo = checkpoint.config.halo
         self.channels_last = channels_last
+        self.align = align
+        self.last_alignment: list[tuple[float, float]] = []
+        self.last_posterior: dict[str, float] | None = None
         wanted = acceleration.wants_compile(compile, info, checkpoint.config.features)
         model = acceleration.prepare(
             checkpoint.build_model(), info, wanted, channels_last=channels_last
@@ -212,6 +232,9 @@ class Denoiser:
         """
         start = time.perf_counter()
         _check_inputs(centre, neighbours)
+        self.last_alignment, self.last_posterior = [], None
+        if self.align and neighbours:
+            neighbours, self.last_alignment = align_neighbours(centre, neighbours)
         height, width = centre.shape
         mean, std = self.checkpoint.normalisation.stats_for(centre)
         stats_s = time.perf_counter() - start
@@ -240,6 +263,10 @@ class Denoiser:
                     f"({failure}) — free the GPU or use device 'cpu'"
                 )
         self.tile, self.tile_batch = tile, batch  # keep what fitted for the next slices
+        if self.checkpoint.config.blind:
+            out = self._posterior(centre, out)
+        top = float(np.iinfo(centre.dtype).max)
+        out = np.clip(np.rint(out), 0.0, top).astype(centre.dtype)
         timing["normalise_s"] += stats_s
         self.last_timing = {
             **timing,
@@ -250,6 +277,43 @@ class Denoiser:
             "oom_retries": retries,
         }
         return out
+
+    def _posterior(self, centre: np.ndarray, blind: np.ndarray) -> np.ndarray:
+        """The blind estimate combined with the noisy centre (see :mod:`.posterior`)."""
+        noise = fit_noise_model([centre])
+        prior = prior_variance(centre, blind, noise)
+        self.last_posterior = {**noise.to_dict(), "prior_variance": prior}
+        return posterior_mean(centre, blind, noise, prior)
+
+    def provenance(self) -> dict[str, object]:
+        """What the last :meth:`denoise` did beyond the network, for the output's provenance."""
+        return {
+            "alignment_shifts_px": [list(s) for s in self.last_alignment],
+            "posterior": self.last_posterior,
+        }
+
+    def unit_estimates(
+        self, centre: np.ndarray, neighbours: Sequence[np.ndarray] = ()
+    ) -> list[np.ndarray]:
+        """The estimate after every building unit, then the output, as images of the slice's
+        dtype (paper 2.2.4, Fig. 5): whole image, float32, neighbours aligned as in
+        :meth:`denoise`, network estimates only (no posterior step)."""
+        _check_inputs(centre, neighbours)
+        if self.align and neighbours:
+            neighbours, _ = align_neighbours(centre, neighbours)
+        mean, std = self.checkpoint.normalisation.stats_for(centre)
+        plan = plan_tiles(*centre.shape, max(centre.shape), 0)
+        inputs = [self._windows(image, plan, mean, std) for image in (centre, *neighbours)]
+        top = float(np.iinfo(centre.dtype).max)
+        model = self.model
+        with torch.inference_mode(), model.eager():  # type: ignore[operator]
+            steps = unit_estimates(model, *inputs)  # type: ignore[arg-type]
+        return [
+            np.clip(np.rint(t[0, 0].float().cpu().numpy() * std + mean), 0, top).astype(
+                centre.dtype
+            )
+            for t in steps
+        ]
 
     def denoise_whole(
         self, centre: np.ndarray, neighbours: Sequence[np.ndarray] = ()
@@ -277,9 +341,8 @@ class Denoiser:
         std: float,
         should_stop: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """Run ``plan`` in batches of same-shape windows; returns the output and timings."""
-        out = np.empty(centre.shape, dtype=centre.dtype)
-        top = float(np.iinfo(centre.dtype).max)
+        """Run ``plan`` in batches of same-shape windows; returns the float output and timings."""
+        out = np.empty(centre.shape, dtype=np.float32)
         groups: dict[tuple[int, int], list[Tile]] = {}
         for t in plan:
             groups.setdefault(t.window_shape, []).append(t)
@@ -301,9 +364,8 @@ class Denoiser:
                     t2 = time.perf_counter()
                     normalise_s += t1 - t0
                     model_s += t2 - t1
-                    # Undo the normalisation, clip to the dtype's range, round: integers out.
-                    levels = (result[:, 0].float() * std + mean).clamp_(0.0, top).round_()
-                    levels_np = levels.to(torch.int32).cpu().numpy()
+                    # Undo the normalisation (:meth:`denoise` rounds and clips at the end).
+                    levels_np = (result[:, 0].float() * std + mean).cpu().numpy()
                     for t, window in zip(chunk, levels_np, strict=True):
                         paste(out, t, window)
         return out, {"normalise_s": normalise_s, "model_s": model_s}

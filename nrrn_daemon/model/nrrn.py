@@ -38,6 +38,29 @@ Choices where the paper is open (see ``shared/paper/NOTES.md``):
 * in a triplet the stem on the centre image is computed once and shared by both branches, and
   the two branches run as one batch (same weights, eq. 3).
 
+**Blind-spot mode** (:attr:`NRRNConfig.blind`, trained with :func:`centre_loss`). Training
+targets that are *neighbour* slices can at best teach the neighbours' signal, while outputs are
+scored against the centre. A blind model has the centre itself as target, which needs
+J-invariance (Batson & Royer 2019): the estimate at pixel p must not depend on centre[p]. The
+construction is Laine et al. 2019's ("High-Quality Self-Supervised Deep Image Denoising"):
+every conv that reads the centre stream (the stem on the centre, W_{u,r,c}, V_c — it reads
+r∘h̃ and r depends on ĥ — and the tail) has its kernel's bottom row zeroed, so a stack of them
+sees only its own row and those above; the centre enters shifted down by one pixel, so that
+half-plane excludes p's row; four such streams, the same weights rotated by 0/90/180/270°, run
+side by side as a grouped conv, and a 1×1 conv (``combine``) mixes their four estimates, each
+blind to p but jointly seeing every other centre pixel. Chosen over masking (Noise2Void /
+Noise2Self), which scores ~2 % of the pixels a step, because it scores *every* pixel every step,
+the sample efficiency a 2-core CPU needs; it is SUPPORT's setting (Eom et al. 2023: blind spot
+in the centre frame, neighbour frames in full). NRRN's structure stays: the neighbour stream h̃
+(stem, the shared W_1, V_{u,r}) is the paper's, computed once per branch and shared by the four
+directions; the GRU update, NAtt (per direction) and feedback are pointwise, so they keep the
+blind spot. What has to change is the running estimate's start: the paper starts it at the
+centre, which would give p away, so a blind branch starts at its neighbour and removes noise
+from there. The centre pixel's own information is added back after the network by the
+Denoiser's posterior step (:mod:`nrrn_daemon.model.posterior`). The blind network costs ~2.7×
+the paper network per pixel (the centre-stream convs run four times, a third of each kernel
+zero). Old checkpoints (``blind`` absent) run the paper's forward unchanged.
+
 Speed (``nrrn_daemon/acceleration.py`` decides when): :meth:`NRRN.compile_branches` puts the
 branch computation (everything after the stem: the BUs, NAtt, feedback, tail), which is the
 same for every mode, through ``torch.compile`` with dynamic shapes, so one compiled graph serves
@@ -73,10 +96,15 @@ class NRRNConfig:
         Number of building units (the paper's L+1), 1–5; the paper's default is 4.
     features
         Channels H of every feature map; the paper uses 64, the authors' CLI 32.
+    blind
+        Blind-spot centre stream (:meth:`NRRN.blind_branches`): the output at a pixel does not
+        depend on that pixel of the centre slice, so the centre itself can be the training
+        target (the ``centre`` loss). False: the paper's network.
     """
 
     blocks: int = 4
     features: int = 64
+    blind: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_BLOCKS <= self.blocks <= MAX_BLOCKS:
@@ -103,14 +131,20 @@ class NRRNConfig:
         return self.receptive_radius
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """``blind`` only when set, so the paper network's checkpoints keep their sha256."""
+        data = asdict(self)
+        if not self.blind:
+            del data["blind"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> NRRNConfig:
-        unknown = set(data) - {"blocks", "features"}
+        unknown = set(data) - {"blocks", "features", "blind"}
         if unknown:
             raise ValueError(f"unknown NRRN config keys: {sorted(unknown)}")
-        return cls(**{k: int(v) for k, v in data.items()})  # type: ignore[call-overload]
+        blind = bool(data.get("blind", False))
+        sizes = {k: int(v) for k, v in data.items() if k != "blind"}  # type: ignore[call-overload]
+        return cls(**sizes, blind=blind)
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -183,6 +217,56 @@ def feedback(h_hat: Tensor, estimate: Tensor) -> Tensor:
     return torch.cat([torch.tanh(estimate), h_hat[:, 1:]], dim=1)
 
 
+DIRECTIONS = 4
+"""Half-plane directions of the blind-spot centre stream (Laine et al. 2019: four rotations)."""
+
+
+def _directional_weight(weight: Tensor) -> Tensor:
+    """``(C_out, C_in, 3, 3)`` → ``(4·C_out, C_in, 3, 3)``: the kernel with its bottom row zeroed
+    (it sees its own row and the row above, nothing below), rotated by 0°, 90°, 180°, 270°.
+
+    A stack of such convs sees only a half-plane; :data:`_SHIFTS` moves the centre one pixel
+    so that half-plane excludes the pixel's own row (column).
+    """
+    masked = torch.cat([weight[:, :, :2], torch.zeros_like(weight[:, :, 2:])], dim=2)
+    return torch.cat([torch.rot90(masked, k, dims=(2, 3)) for k in range(DIRECTIONS)])
+
+
+def _open_side(k: int) -> tuple[int, int]:
+    """(dy, dx) that moves the centre so direction ``k``'s half-plane excludes the pixel."""
+    mask = _directional_weight(torch.ones(1, 1, 3, 3))[k, 0]
+    if not mask[2].any():
+        return 1, 0  # sees rows above: shift down by one (output row y reads row y − 1)
+    if not mask[0].any():
+        return -1, 0
+    if not mask[:, 2].any():
+        return 0, 1
+    return 0, -1
+
+
+_SHIFTS = tuple(_open_side(k) for k in range(DIRECTIONS))
+
+
+def _shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """``out[y, x] = x[y − dy, x − dx]``, zero outside (as the convs pad)."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
+    y0, x0 = max(-dy, 0), max(-dx, 0)
+    return padded[..., y0 : y0 + h, x0 : x0 + w]
+
+
+def _gconv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv`` applied per direction: ``x`` is ``(N, 4·C_in, H, W)``, one group per direction."""
+    assert conv.bias is not None
+    weight = _directional_weight(conv.weight)
+    return _wide(F.conv2d(x, weight, conv.bias.repeat(DIRECTIONS), padding=1, groups=DIRECTIONS))
+
+
+def _directional_attention(h_hat: Tensor) -> Tensor:
+    """NAtt per direction: ``(N, D, H, h, w)`` features → ``(N, D, h, w)`` noise channels."""
+    return torch.sigmoid(h_hat.amax(dim=2)) * h_hat[:, :, 0]
+
+
 class NRRN(nn.Module):
     """The Noise Reconstruction and Removal Network.
 
@@ -194,9 +278,9 @@ class NRRN(nn.Module):
         See :class:`NRRNConfig`.
     """
 
-    def __init__(self, blocks: int = 4, features: int = 64) -> None:
+    def __init__(self, blocks: int = 4, features: int = 64, blind: bool = False) -> None:
         super().__init__()
-        self.config = NRRNConfig(blocks=blocks, features=features)
+        self.config = NRRNConfig(blocks=blocks, features=features, blind=blind)
         self.stem = _conv(1, features)  # W_0, shared by centre and neighbour
         self.w1 = _conv(features, features)  # W_1, shared by all BUs
         self.units = nn.ModuleList(BuildingUnit(features) for _ in range(blocks))
@@ -205,13 +289,24 @@ class NRRN(nn.Module):
         _orthogonal_(self.stem, math.sqrt(2.0))
         _orthogonal_(self.w1, 5 / 3)
         _orthogonal_(self.tail, 1.0)
+        if blind:
+            # Blind-spot mode: the four directions' estimates → one (starts as their mean).
+            self.combine = nn.Conv2d(DIRECTIONS, 1, kernel_size=1)
+            with torch.no_grad():
+                self.combine.weight.fill_(1 / DIRECTIONS)
+                self.combine.bias.zero_()  # type: ignore[union-attr]
         # Run V_{u,r} of a BU and the next W_1 as one conv (same function; not in the weights).
         self.fuse_gates = True
         self._compiled_branch: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     @classmethod
     def from_config(cls, config: NRRNConfig) -> NRRN:
-        return cls(blocks=config.blocks, features=config.features)
+        return cls(blocks=config.blocks, features=config.features, blind=config.blind)
+
+    @property
+    def blind(self) -> bool:
+        """Whether the output at a pixel is independent of that pixel of the centre slice."""
+        return self.config.blind
 
     # -- compilation (see nrrn_daemon/acceleration.py) -----------------------------------------
     def compile_branches(self) -> None:
@@ -221,7 +316,8 @@ class NRRN(nn.Module):
         one gets its own graph). Weights are inputs of the graph, so another model of the same
         shape reuses it. Nothing is stored in the weights; :meth:`uncompile` undoes it.
         """
-        self._compiled_branch = torch.compile(self._branch, dynamic=True)
+        branch = self._blind_branch if self.blind else self._branch
+        self._compiled_branch = torch.compile(branch, dynamic=True)
 
     def uncompile(self) -> None:
         """Back to eager execution (e.g. after a compiler failure)."""
@@ -241,8 +337,13 @@ class NRRN(nn.Module):
             self._compiled_branch = compiled
 
     # -- one branch -------------------------------------------------------------------------
-    def _branch(self, centre: Tensor, h_hat: Tensor, h_tilde: Tensor) -> Tensor:
-        """Run BUs + NAtt + feedback + tail on stem features; returns the branch estimate."""
+    def _branch(
+        self, centre: Tensor, h_hat: Tensor, h_tilde: Tensor, trace: list[Tensor] | None = None
+    ) -> Tensor:
+        """Run BUs + NAtt + feedback + tail on stem features; returns the branch estimate.
+
+        ``trace``, when given, receives the running estimate after every BU (paper 2.2.4).
+        """
         estimate = centre
         h_tilde = torch.tanh(_wide(self.w1(h_tilde)))
         last = len(self.units) - 1
@@ -258,13 +359,85 @@ class NRRN(nn.Module):
                 vu, vr = _wide(unit.v(h_tilde)).chunk(2, dim=1)
             h_hat = unit.update(h_hat, h_tilde, vu, vr)
             estimate = estimate - unit.noise_scale * noise_attention(h_hat)
+            if trace is not None:
+                trace.append(estimate)
             h_hat = feedback(h_hat, estimate)
             if k < last:
                 h_tilde = torch.tanh(ahead if ahead is not None else _wide(self.w1(h_tilde)))
         h_hat = _wide(self.tail(F.relu(h_hat)))
         return estimate - self.tail_scale * noise_attention(h_hat)
 
-    def branches(self, centre: Tensor, neighbours: Sequence[Tensor]) -> list[Tensor]:
+    def _blind_branch(
+        self, start: Tensor, centre: Tensor, h_tilde: Tensor, trace: list[Tensor] | None = None
+    ) -> Tensor:
+        """The blind-spot branch: the centre stream in four half-plane directions.
+
+        ``start`` ``(B, 1, H, W)`` is the neighbour (where the running estimate starts),
+        ``centre`` ``(B, 4, H, W)`` the centre shifted once per direction (:data:`_SHIFTS`),
+        ``h_tilde`` the neighbour's stem features. Every conv that reads the centre stream is
+        a :func:`_directional_weight` conv, per direction; the neighbour stream (W_1, V_u, V_r)
+        is the paper's, computed once; everything else (the GRU update, NAtt, feedback) is
+        pointwise. So direction k's estimate at a pixel depends on the centre only through its
+        half-plane, which excludes the pixel, and :attr:`combine` (1×1) mixes the four.
+        """
+        b, _, height, width = start.shape
+        d, h = DIRECTIONS, self.config.features
+        h_hat = F.relu(_gconv(centre, self.stem))
+        estimate = start.expand(b, d, height, width)
+        h_tilde = torch.tanh(_wide(self.w1(h_tilde)))
+        last = len(self.units) - 1
+        for k, unit in enumerate(self.units):
+            ahead = None
+            if self.fuse_gates and k < last:
+                weight = torch.cat([unit.v.weight, self.w1.weight])
+                bias = torch.cat([unit.v.bias, self.w1.bias])  # type: ignore[list-item]
+                vu, vr, ahead = _wide(F.conv2d(h_tilde, weight, bias, padding=1)).chunk(3, dim=1)
+            else:
+                vu, vr = _wide(unit.v(h_tilde)).chunk(2, dim=1)
+            wu, wr, wc = _gconv(h_hat, unit.w).reshape(b, d, 3 * h, height, width).chunk(3, dim=2)
+            u = torch.sigmoid(wu + vu[:, None])
+            r = torch.sigmoid(wr + vr[:, None])
+            gated = (r * h_tilde[:, None]).reshape(b, d * h, height, width)
+            c = torch.tanh(wc + _gconv(gated, unit.v_c).reshape(b, d, h, height, width))
+            hh = (1 - u) * h_tilde[:, None] + u * c
+            estimate = estimate - unit.noise_scale * _directional_attention(hh)
+            if trace is not None:
+                trace.append(_wide(self.combine(estimate)))
+            hh = torch.cat([torch.tanh(estimate)[:, :, None], hh[:, :, 1:]], dim=2)  # feedback
+            h_hat = hh.reshape(b, d * h, height, width)
+            if k < last:
+                h_tilde = torch.tanh(ahead if ahead is not None else _wide(self.w1(h_tilde)))
+        tail = _gconv(F.relu(h_hat), self.tail).reshape(b, d, h, height, width)
+        estimate = estimate - self.tail_scale * _directional_attention(tail)
+        return _wide(self.combine(estimate))
+
+    def blind_branches(
+        self, centre: Tensor, neighbours: Sequence[Tensor], trace: list[Tensor] | None = None
+    ) -> list[Tensor]:
+        """:meth:`branches` of a blind model: the estimate at a pixel never sees that pixel of
+        the centre (it sees the neighbours in full and the rest of the centre).
+
+        With no neighbour (the single-image mode) the neighbour is a zero image: the estimate
+        then comes from the centre's surroundings only (and the posterior step of the
+        Denoiser, which adds the pixel back).
+        """
+        if not neighbours:
+            neighbours = (torch.zeros_like(centre),)
+        k = len(neighbours)
+        n = centre.shape[0]
+        starts = torch.cat(list(neighbours), dim=0)
+        h_tilde0 = F.relu(self.stem(starts))
+        shifted = torch.cat([_shift(centre, dy, dx) for dy, dx in _SHIFTS], dim=1)
+        shifted = torch.cat([shifted] * k) if k > 1 else shifted
+        if trace is not None:
+            out = self._blind_branch(starts, shifted, h_tilde0, trace)
+        else:
+            out = (self._compiled_branch or self._blind_branch)(starts, shifted, h_tilde0)
+        return list(out.split(n, dim=0))
+
+    def branches(
+        self, centre: Tensor, neighbours: Sequence[Tensor], trace: list[Tensor] | None = None
+    ) -> list[Tensor]:
         """One estimate of the centre per neighbour, all branches sharing weights.
 
         The stem on the centre is computed once; the branches run as one batch.
@@ -281,6 +454,8 @@ class NRRN(nn.Module):
         list of Tensor
             ``len(neighbours)`` estimates, each ``(N, 1, H, W)``, in the neighbours' order.
         """
+        if self.blind:
+            return self.blind_branches(centre, neighbours, trace)
         if not neighbours:
             raise ValueError("branches() needs at least one neighbour")
         k = len(neighbours)
@@ -290,8 +465,10 @@ class NRRN(nn.Module):
         # cat (not repeat) keeps the memory layout (channels-last): one compiled graph for all k.
         h_hat = torch.cat([h_hat0] * k) if k > 1 else h_hat0
         x = torch.cat([centre] * k) if k > 1 else centre
-        run = self._compiled_branch or self._branch
-        out = run(x, h_hat, h_tilde0)
+        if trace is not None:  # eager: the compiled graph has no trace
+            out = self._branch(x, h_hat, h_tilde0, trace)
+        else:
+            out = (self._compiled_branch or self._branch)(x, h_hat, h_tilde0)
         return list(out.split(n, dim=0))
 
     def forward(self, centre: Tensor, *neighbours: Tensor) -> Tensor:
@@ -301,7 +478,7 @@ class NRRN(nn.Module):
         * one neighbour (pair): that branch's estimate;
         * none (single): one branch with the centre as its own neighbour (a documented fallback).
         """
-        if not neighbours:
+        if not neighbours and not self.blind:
             neighbours = (centre,)
         outs = self.branches(centre, neighbours)
         if len(outs) == 1:
@@ -309,8 +486,25 @@ class NRRN(nn.Module):
         return torch.stack(outs, dim=0).mean(dim=0)
 
 
-def n2n_loss(out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor) -> Tensor:
-    """The triplet Noise2Noise loss of eq. 3 (means over pixels and batch).
+def unit_estimates(model: NRRN, centre: Tensor, *neighbours: Tensor) -> list[Tensor]:
+    """The estimate after every building unit, then the output (paper 2.2.4, Fig. 5).
+
+    ``blocks + 1`` tensors like :meth:`NRRN.forward`'s output (the mean over branches in a
+    triplet); the last is the output itself (after the tail).
+    """
+    if not neighbours and not model.blind:
+        neighbours = (centre,)
+    trace: list[Tensor] = []
+    outs = model.branches(centre, neighbours, trace)
+    n = centre.shape[0]
+    steps = [*trace, torch.cat(outs)]
+    return [torch.stack(t.split(n, dim=0)).mean(dim=0) for t in steps]
+
+
+def n2n_loss(
+    out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor, centre: Tensor | None = None
+) -> Tensor:
+    """The triplet Noise2Noise loss of eq. 3 (means over pixels and batch; ``centre`` unused).
 
     ``out_prev`` = x'_j = f(x_{j−1}, x_j) is scored against x_{j+1}, the neighbour it did not
     see; ``out_next`` = x''_j = f(x_{j+1}, x_j) against x_{j−1}; the last term rewards the two
@@ -320,11 +514,14 @@ def n2n_loss(out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor) ->
 
     Written with the mean m = ½(x' + x'') and half-difference d = ½(x' − x''), this is
     ½‖m − x_{j+1}‖² + ½‖m − x_{j−1}‖² + ⟨d, x_{j−1} − x_{j+1}⟩: quadratic in m but only linear
-    in d. When the three images share one signal (repeat scans, the setting of Wu et al. whose
-    eq. 2 this is) the linear term averages to zero. Between adjacent slices it does not: it
-    pays each branch for extrapolating towards the neighbour it did not see (s_{j±1} − s_j),
-    which is why :func:`plain_loss` is the default for adjacent slices (see
-    :mod:`nrrn_daemon.finetune.training`).
+    in d. The linear term does **not** average to zero, even for repeat scans (one signal s,
+    noise n_{j±1}): x' contains n_{j−1} and x'' contains n_{j+1}, so its expectation is
+    ½(E⟨x', n_{j−1}⟩ + E⟨x'', n_{j+1}⟩). That is what cancels the reward for fitting the noise
+    hidden in the two quadratic terms (−E⟨m, n_{j±1}⟩), which gives Wu et al.'s
+    E[eq. 3] = E‖m − s‖² + σ² for repeat scans. Between adjacent slices the signals differ and
+    the linear term also pays each branch for extrapolating towards the neighbour it did not see
+    (s_{j±1} − s_j), which is why :func:`plain_loss` is the default for adjacent slices without
+    a blind-spot model (see :mod:`nrrn_daemon.finetune.training`).
     """
     return (
         0.5 * F.mse_loss(out_prev, next_)
@@ -333,21 +530,49 @@ def n2n_loss(out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor) ->
     )
 
 
-def plain_loss(out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor) -> Tensor:
-    """Eq. 3 without its last term: plain Noise2Noise per branch (means over pixels and batch).
+def plain_loss(
+    out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor, centre: Tensor | None = None
+) -> Tensor:
+    """Eq. 3 without its last term: plain Noise2Noise per branch (``centre`` unused).
 
-        ½‖x'_j − x_{j+1}‖² + ½‖x''_j − x_{j−1}‖²
+        ½‖x'_j − x_{j+1}‖² + ½‖x''_j − x_{j−1}‖²  =  eq. 3 + ‖d‖²,  d = ½(x' − x'')
 
     Each branch is still scored against the neighbour it did not see, whose noise is independent
     of its inputs, so the expected loss is the loss against the clean neighbours plus the noise
-    variance: its minimiser predicts the neighbours' signal, with no reward for the two branches
-    to differ.
+    variance: its minimiser predicts the *neighbours'* signal, not the centre's (the mean of the
+    clean neighbours is only ~31 dB from the clean centre on FIB-25), with no reward for the two
+    branches to differ.
     """
     return 0.5 * F.mse_loss(out_prev, next_) + 0.5 * F.mse_loss(out_next, prev)
 
 
-LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
+def centre_loss(
+    out_prev: Tensor, out_next: Tensor, prev: Tensor, next_: Tensor, centre: Tensor | None = None
+) -> Tensor:
+    """The blind-spot centre target: both branches and their mean scored against x_j itself.
+
+        ½‖m − x_j‖² + ¼‖x'_j − x_j‖² + ¼‖x''_j − x_j‖²,  m = ½(x' + x'')
+
+    Only for a blind model (:attr:`NRRNConfig.blind`): its estimate at a pixel does not depend
+    on that pixel of x_j, whose noise is independent of everything else it sees, so each term's
+    expectation is the MSE to the clean *centre* plus the noise variance — an unbiased target
+    for the slice that is scored, for any blind model. The mean m is what a triplet outputs;
+    the single branches keep the pair mode (stack ends) trained.
+    """
+    if centre is None:
+        raise ValueError("centre_loss needs the centre slice")
+    m = 0.5 * (out_prev + out_next)
+    return (
+        0.5 * F.mse_loss(m, centre)
+        + 0.25 * F.mse_loss(out_prev, centre)
+        + 0.25 * F.mse_loss(out_next, centre)
+    )
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
     "eq3": n2n_loss,
     "plain": plain_loss,
+    "centre": centre_loss,
 }
-"""Training losses by name: ``eq3`` (the paper's) and ``plain`` (eq. 3 without its last term)."""
+"""Training losses by name, each ``loss(out_prev, out_next, prev, next, centre)``: ``eq3`` (the
+paper's), ``plain`` (eq. 3 without its last term) and ``centre`` (blind-spot models only)."""
