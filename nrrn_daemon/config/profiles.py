@@ -91,6 +91,11 @@ class WatchSettings(BaseModel):
     """Seconds between two reconciliation scans of the whole folder, which stat every file and
     catch any file the observer missed (and, with "listing", files rewritten in place)."""
 
+    follow_links: bool = False
+    """Read a slice whose real path lies outside `folder` (a symbolic link out of it, or a
+    `..` through a mount). By default such a file is never opened: it is recorded as failed
+    with the link's target, so a link to someone else's data is not denoised into the output."""
+
     @field_validator("folder", mode="before")
     @classmethod
     def _expand_folder(cls, value: Any) -> Any:

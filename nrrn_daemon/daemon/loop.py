@@ -176,6 +176,7 @@ class Daemon:
             settle_s=w.settle_s,
             rescan_interval_s=w.rescan_interval_s,
             decode_check=self.cache.check if overlap else None,
+            follow_links=w.follow_links,
         )
         self.arrivals = Arrivals(
             profile=profile, store=store, dataset_id=self.dataset_id,

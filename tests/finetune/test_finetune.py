@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def fib_crop(fib25: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    clean = np.ascontiguousarray(fib25[100 : 100 + SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
+    clean = np.ascontiguousarray(fib25[:SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
     return clean, noisy_stack(clean, "poisson:4", seed=1)
 
 
@@ -267,7 +267,7 @@ def make_scan_dataset(folder: Path, scans: list[np.ndarray]) -> Path:
 
 def test_a_repeat_scan_dataset_finetunes_on_scan_triplets(tmp_path: Path, fib25) -> None:
     """Three scans of one slice carry the same signal: the fine-tune trains on scan triplets."""
-    clean = np.ascontiguousarray(fib25[100 : 100 + SCAN_SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
+    clean = np.ascontiguousarray(fib25[:SCAN_SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
     scans = [noisy_stack(clean, "poisson:4", seed=10 + s) for s in range(3)]
     # Slice 9's third scan is still being acquired: its group is incomplete and left out.
     db = make_scan_dataset(tmp_path, [scans[0], scans[1], scans[2][:-1]])
@@ -319,7 +319,7 @@ def test_too_few_complete_scan_groups_say_so(tmp_path: Path, fib25) -> None:
     from nrrn_daemon.errors import InputError
     from nrrn_daemon.finetune.run import raw_scan_groups
 
-    clean = np.ascontiguousarray(fib25[100:102, :32, :32])
+    clean = np.ascontiguousarray(fib25[0:2, :32, :32])
     db = make_scan_dataset(tmp_path, [noisy_stack(clean, "poisson:4", seed=s) for s in range(2)])
     with Store(db, readonly=True) as store, pytest.raises(InputError, match="≥ 3 scans"):
         raw_scan_groups(store, store.dataset_ids()["ds"], FRACTION, 3)
