@@ -76,11 +76,10 @@ def fill_disk(folder: Path) -> Path:
                 fh.write(block)
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
-    with open(folder / "probe", "wb") as fh, pytest.raises(OSError):  # truly full now
-        fh.write(b"x" * 4096)
-        fh.flush()
-        os.fsync(fh.fileno())
-    (folder / "probe").unlink()
+    with pytest.raises(OSError) as full:  # truly full now: not one more page
+        (folder / "probe").write_bytes(b"x" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    (folder / "probe").unlink(missing_ok=True)
     return filler
 
 

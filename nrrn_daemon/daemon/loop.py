@@ -59,6 +59,7 @@ from nrrn_daemon.states import OutputReason, SliceState
 from nrrn_daemon.store.store import Store
 from nrrn_daemon.triplets import TripletGrouper, Work
 from nrrn_daemon.watch.watcher import Watcher
+from nrrn_daemon.watch.worker import PollWorker
 
 log = logging.getLogger("nrrn_daemon")
 
@@ -178,6 +179,7 @@ class Daemon:
             decode_check=self.cache.check if overlap else None,
             follow_links=w.follow_links,
         )
+        self.watch = PollWorker(self.watcher, w.answer_timeout_s, on_done=self._wake.set)
         self.arrivals = Arrivals(
             profile=profile, store=store, dataset_id=self.dataset_id,
             watch_folder=self.watch_folder, grouper=self.grouper,
@@ -236,6 +238,7 @@ class Daemon:
             if not burst:
                 self.finetuning.start()
             self.watcher.start()
+            self.watch.start()  # from here on, only its thread calls the watcher
             self.pipeline.start()
             while self._stop_reason is None:
                 now = time.time()
@@ -249,7 +252,7 @@ class Daemon:
                     self._heartbeat(run_id)
                     last_beat = now
                 settled = not (busy or self._retry or self._arrived) and self.pipeline.idle
-                if burst and settled and self.watcher.idle:
+                if burst and settled and self.watch.idle:
                     flushed = self.grouper.flush()  # the edges, with what they have
                     for item in flushed:
                         self._submit(item)
@@ -265,7 +268,7 @@ class Daemon:
             reason = f"crashed: {type(exc).__name__}: {exc}"
             raise
         finally:
-            self.watcher.stop()
+            self.watch.stop()
             self.finetuning.stop()
             for done in self.pipeline.close(STOP_TIMEOUT_S):  # outputs written are recorded
                 self._finish(done, closing=True)
@@ -276,7 +279,7 @@ class Daemon:
 
     def _turn(self, now: float) -> bool:
         """One turn: new files, timeouts, submit units, record finished ones. True if busy."""
-        result = self.watcher.poll(now)  # cheap: stats, and headers of stable files
+        result = self.watch.poll(now)  # in the watch worker: waits ≤ 0.5 s on a hung share
         self.state.folder_error = result.folder_error
         self._arrived.extend(result.complete)
         for path, why in result.failed:

@@ -329,8 +329,9 @@ def test_a_full_disk_under_the_database_stops_cleanly_and_loses_nothing(
     filler = fill_disk(state)
     for k in range(2, 5):
         scope.write(k)
-    with Store(profile.store.database) as store, pytest.raises(NRRNError) as stopped:
-        Daemon(profile, store).work(burst=True)
+    with pytest.raises(NRRNError) as stopped:  # opening it or recording: whichever fails first
+        with Store(profile.store.database) as store:
+            Daemon(profile, store).work(burst=True)
     message = str(stopped.value)
     assert "db.sqlite" in message and "disk" in message.lower(), message
     filler.unlink()

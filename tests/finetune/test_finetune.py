@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,36 @@ def test_too_few_complete_scan_groups_say_so(tmp_path: Path, fib25) -> None:
     db = make_scan_dataset(tmp_path, [noisy_stack(clean, "poisson:4", seed=s) for s in range(2)])
     with Store(db, readonly=True) as store, pytest.raises(InputError, match="≥ 3 scans"):
         raw_scan_groups(store, store.dataset_ids()["ds"], FRACTION, 3)
+
+
+def test_a_full_models_disk_fails_the_finetune_and_keeps_the_model(
+    tmp_path: Path, small_disk
+) -> None:
+    """The models folder on a real, full tmpfs: the candidate cannot be saved; the run is
+    recorded failed with the reason, no partial checkpoint is left, the model in service stays;
+    once space is freed the next run saves its candidate."""
+    from conftest import fill_disk, noisy_test_stack
+
+    from nrrn_daemon.finetune.run import FinetuneResult, child_main
+
+    parent = tiny_parent(tmp_path / "parent.pt")
+    db = make_dataset(tmp_path, noisy_test_stack(n=8, size=40), parent)
+    models = small_disk("models", "1m")
+    filler = fill_disk(models)
+    job = FinetuneJob(
+        db=str(db), dataset="ds", parent=str(parent), models_dir=str(models), minutes=None, steps=3,
+        device="cpu", patch=24, batch=2, validation_fraction=0.3,
+    )  # fmt: skip
+    (tmp_path / "job.json").write_text(json.dumps(asdict(job)))
+    assert child_main([str(tmp_path / "job.json"), str(tmp_path / "result.json")]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and "disk full" in result["error"], result
+    assert sorted(p.name for p in models.rglob("*") if p.is_file()) == ["filler.bin"]
+    with Store(db) as store:
+        ft_id = begin(store, job, os.getpid(), "test")
+        record_result(store, ft_id, FinetuneResult.from_json(json.dumps(result)))
+        assert store.current_model_id(store.dataset_ids()["ds"]) is None, "model unchanged"
+    filler.unlink()
+    saved = run_finetune(job)
+    assert Path(saved.candidate_path).parent.parent == models
+    assert load_checkpoint(saved.candidate_path).content_sha256 == saved.candidate_sha256
