@@ -6,10 +6,11 @@ listing or observer hints, the reconciliation scan, the candidates' stats and de
 therefore run by :class:`PollWorker` in a thread of its own. The loop's :meth:`PollWorker.poll`
 hands it a request and waits at most ``wait_s`` for the answer (a healthy folder answers in
 milliseconds, so the daemon behaves as if it polled itself); when the answer is late, the loop
-goes on with what it has — denoising slices already read, the heartbeat, stop requests,
-``status`` — and picks the answer up at a later turn. Once a poll has been running longer than
-``deadline_s`` the folder is reported "not answering for N s" (log and ``status``); when the
-share answers again the poll's result is used and watching resumes by itself.
+does not wait for it again: it goes on with what it has — denoising slices already read, the
+heartbeat, stop requests, ``status`` — and picks the answer up at a later turn. Once a poll
+has been running longer than ``deadline_s`` the folder is reported "not answering for N s" (log
+and ``status``); when the share answers again the poll's result is used and watching resumes by
+itself.
 
 The watcher is only ever called from the worker thread after :meth:`Watcher.start`; the loop
 reads nothing of it but :attr:`PollWorker.idle`.
@@ -94,7 +95,7 @@ class PollWorker:
             if self._result is None and self._request is None and self._started is None:
                 self._request, self._requested_at = now, self._clock()
                 self._cond.notify_all()
-            if self._result is None:
+                # only a poll asked for now is waited for; one already late is not waited on
                 self._cond.wait_for(lambda: self._result is not None, timeout=self.wait_s)
             if self._error is not None:
                 error, self._error = self._error, None
