@@ -5,15 +5,18 @@ held-out slices of the same light noise (Gaussian σ 12) the data set has:
 
 * **rule 2 (noise left)**: the parent was trained on much heavier noise (σ 45), so it removes
   more than the data set's noise; the candidate, trained on the data set's own light noise, has
-  the *lower* validation loss and the less structured residual, but leaves more noise (σ ~9.7
-  against ~7.3 measured) — only rule 2 refuses it;
-* **rule 3 (over-smoothing)**: the parent is the identity (an NRRN whose noise scales are zero:
-  it returns its input, a model that does nothing); the candidate, trained on far heavier noise
-  than the data set's, smooths away structure: lower validation loss and less noise left than the
-  identity, but a residual whose neighbouring pixels correlate — only rule 3 refuses it.
+  the *lower* validation loss and a residual within the structure tolerance, but leaves more
+  noise — only rule 2 refuses it (measured: val loss 328 vs 367, σ left 9.67 vs 7.31 (+5 %
+  allowed: 7.68), residual autocorrelation 0.059 vs 0.040 (+0.05 allowed));
+* **rule 3 (over-smoothing)**: the parent is a poor model, the light one with its noise scales
+  negated (it adds back the noise it estimates: σ left 16.0 on σ 12 input); the candidate,
+  trained on far heavier noise (σ 60) than the data set's, smooths structure away: lower
+  validation loss and less noise left than that parent, but a residual whose neighbouring pixels
+  correlate — only rule 3 refuses it (measured: val loss 436 vs 532, σ 7.52 vs 16.0,
+  autocorrelation 0.101 vs 0.017 (+0.05 allowed));
+* the light model replacing that poor parent passes every rule.
 
-Measured on this crop (CPU, seed 0; see the module's fixture): parent/candidate validation loss,
-noise σ and residual autocorrelation are asserted rule by rule below.
+The measured numbers are from this module's fixture on the 2-core CPU (precision "auto", seed 0).
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from helpers import one_thread  # noqa: F401
 
 from nrrn_daemon.finetune.promotion import NOISE_TOLERANCE, RESIDUAL_TOLERANCE, judge
 from nrrn_daemon.finetune.training import TrainSettings, train
-from nrrn_daemon.model.checkpoints import Checkpoint, Normalisation
-from nrrn_daemon.model.nrrn import NRRN, NRRNConfig
+from nrrn_daemon.model.checkpoints import Checkpoint
+from nrrn_daemon.model.nrrn import NRRNConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LIGHT, HEAVY, HEAVIER = 12.0, 45.0, 90.0
+LIGHT, HEAVY, HEAVIER = 12.0, 45.0, 60.0
 
 
 def gaussian(clean: np.ndarray, sigma: float, seed: int) -> np.ndarray:
@@ -39,7 +42,7 @@ def gaussian(clean: np.ndarray, sigma: float, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def models(fib25: np.ndarray) -> dict:
-    """Models trained (120 steps, 1 BU × 8) at three noise levels, and the identity."""
+    """Models trained (120 steps, 1 BU × 8) at three noise levels, and a noise-adding one."""
     torch.set_num_threads(1)
     clean = fib25[0:24, 60:124, 60:124].astype(np.float64)
     light = gaussian(clean, LIGHT, seed=1)
@@ -49,25 +52,14 @@ def models(fib25: np.ndarray) -> dict:
                     settings, NRRNConfig(1, 8))[0]
         for name, sigma in (("light", LIGHT), ("heavy", HEAVY), ("heavier", HEAVIER))
     }  # fmt: skip
-    torch.manual_seed(0)
-    identity = NRRN(1, 8)
-    with torch.no_grad():
-        identity.tail_scale.zero_()
-        for unit in identity.units:
-            unit.noise_scale.zero_()
-    trained["identity"] = Checkpoint.from_model(identity, Normalisation("slice"))
+    noisier = trained["light"].build_model()
+    with torch.no_grad():  # the same network, adding back the noise it estimates
+        noisier.tail_scale.neg_()
+        for unit in noisier.units:
+            unit.noise_scale.neg_()
+    trained["noisier"] = Checkpoint.from_model(noisier, trained["light"].normalisation)
     held_out = [(light[j - 1], light[j], light[j + 1]) for j in range(19, 23)]  # never trained
     return {"models": trained, "held_out": held_out}
-
-
-def test_the_identity_is_the_identity(models: dict) -> None:
-    from nrrn_daemon.model.denoise import Denoiser
-
-    prev, centre, nxt = models["held_out"][0]
-    out = Denoiser(models["models"]["identity"], device="cpu", tile=None).denoise(
-        centre, [prev, nxt]
-    )
-    assert np.abs(out.astype(int) - centre.astype(int)).max() <= 1
 
 
 def test_rule_2_alone_refuses_a_candidate_that_leaves_more_noise(models: dict) -> None:
@@ -83,7 +75,7 @@ def test_rule_2_alone_refuses_a_candidate_that_leaves_more_noise(models: dict) -
 
 def test_rule_3_alone_refuses_an_over_smoothing_candidate(models: dict) -> None:
     m = models["models"]
-    verdict = judge(m["identity"], m["heavier"], models["held_out"], device="cpu")
+    verdict = judge(m["noisier"], m["heavier"], models["held_out"], device="cpu")
     p, c = verdict.parent, verdict.candidate
     assert c["val_loss"] < p["val_loss"], "rule 1 would let it through"
     assert c["noise_sigma"] <= p["noise_sigma"] * (1 + NOISE_TOLERANCE), "so would rule 2"
@@ -94,5 +86,5 @@ def test_rule_3_alone_refuses_an_over_smoothing_candidate(models: dict) -> None:
 
 def test_a_better_candidate_passes_every_rule(models: dict) -> None:
     m = models["models"]
-    verdict = judge(m["identity"], m["heavy"], models["held_out"], device="cpu")
+    verdict = judge(m["noisier"], m["light"], models["held_out"], device="cpu")
     assert verdict.promote, verdict.reasons
