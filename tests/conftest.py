@@ -1,10 +1,13 @@
-"""Shared fixtures: the real FIB-25 volume, and a guard against leaked threads."""
+"""Shared fixtures: real FIB-25 slices, a real small disk, and a guard against leaked threads."""
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +17,9 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
-FIB25 = Path(
-    os.environ.get(
-        "NRRN_FIB25", REPO.parent / "shared" / "data" / "fib25" / "fib25_sample1_250.tif"
-    )
-)
+FIB25 = REPO / "tests" / "data" / "fib25_z200-231.tif"
+"""Real FIB-SEM slices shipped with the tests (FIB-25 z = 200–231; see tests/data/README.md)."""
+FIB25_SHA256 = "747a27f8d5d6e309b8765205b212e3eaa49875e5a42d539d116e64e3309bb1b0"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -42,20 +43,63 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def fib25_path() -> Path:
-    """Path of the shared real FIB-SEM volume (250³ uint8, ZYX); skips when it is absent."""
-    if not FIB25.exists():
-        pytest.skip(f"real FIB-25 volume not found at {FIB25} (set NRRN_FIB25 to its path)")
+    """Path of the real FIB-SEM slices in the repository (32 × 250 × 250 uint8, ZYX)."""
     return FIB25
 
 
 @pytest.fixture(scope="session")
 def fib25(fib25_path: Path) -> np.ndarray:
-    """The shared real FIB-SEM volume as a (250, 250, 250) uint8 array, read once per session."""
+    """The real FIB-SEM slices as a (32, 250, 250) uint8 array (FIB-25 z = 200–231, held out
+    from the base checkpoint's training), read once per session."""
     import tifffile
 
     vol = tifffile.imread(fib25_path)
     vol.setflags(write=False)
     return vol
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``small_disk(name, size)``: a real tmpfs of ``size`` (e.g. ``"256k"``) mounted at a fresh
+    folder, unmounted after the test. Skips where this machine cannot mount (not root, or a
+    container without the right to mount)."""
+    mounted: list[Path] = []
+
+    def mount(name: str = "disk", size: str = "256k") -> Path:
+        folder = tmp_path / name
+        folder.mkdir(parents=True)
+        if os.geteuid() != 0:
+            pytest.skip("a real full disk needs a tmpfs mount, which needs root here")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): no real full disk")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a filler file into ``folder`` until its file system is full; returns the filler."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as fh:
+        block = b"\0" * 4096
+        try:
+            while True:
+                fh.write(block)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    with pytest.raises(OSError) as full:  # truly full now: not one more page
+        (folder / "probe").write_bytes(b"x" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    (folder / "probe").unlink(missing_ok=True)
+    return filler
 
 
 def random_checkpoint(path: Path, blocks: int = 1, features: int = 4, seed: int = 0) -> Path:

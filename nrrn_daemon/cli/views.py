@@ -63,6 +63,27 @@ def render_status(report: dict[str, Any], console: Console) -> None:
         console.print(_dataset_panel(ds))
 
 
+def _span(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def throughput_text(tp: dict[str, Any]) -> str:
+    """The ``throughput_per_h`` report in words, each rate with the window it is measured over."""
+    if not tp.get("outputs") and not tp.get("total"):
+        return "— (no output yet)"
+    window = "—" if tp["window_s"] is None else _span(tp["window_s"])
+    span = "—" if tp["span_s"] is None else _span(tp["span_s"])
+    return (
+        f"{_s(tp['rate'], ' /h', '{:.0f}')} over the last {window} ({tp['outputs']} outputs) · "
+        f"{_s(tp['overall'], ' /h', '{:.0f}')} from first start to last output "
+        f"({tp['total']} in {span})"
+    )
+
+
 def _dataset_panel(ds: dict[str, Any]) -> Panel:
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -77,12 +98,7 @@ def _dataset_panel(ds: dict[str, Any]) -> Panel:
     t.add_row(
         "latency", f"median {_s(lat['median'])} · p90 {_s(lat['p90'])} · last {_s(lat['last'])}"
     )
-    tp = ds["throughput_per_h"]
-    t.add_row(
-        "throughput",
-        f"{_s(tp['last_hour'], ' /h', '{:.0f}')} last hour · "
-        f"{_s(tp['overall'], ' /h', '{:.0f}')} overall",
-    )
+    t.add_row("throughput", throughput_text(ds["throughput_per_h"]))
     model = ds.get("model")
     t.add_row("model", "—" if model is None else f"{model['label']} ({model['sha256'][:12]})")
     device = ds.get("device") or "—"

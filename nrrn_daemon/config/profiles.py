@@ -92,6 +92,17 @@ class WatchSettings(BaseModel):
     """Seconds between two reconciliation scans of the whole folder, which stat every file and
     catch any file the observer missed (and, with "listing", files rewritten in place)."""
 
+    answer_timeout_s: float = Field(default=10.0, ge=0.1, le=3600)
+    """Seconds a look at the folder (listing, stat, reconciliation scan: run beside the daemon
+    loop, never in it) may take before the folder is reported "not answering" in the log and in
+    `status` (a hung network share). Denoising, the heartbeat and stopping go on meanwhile, and
+    watching resumes by itself when the folder answers."""
+
+    follow_links: bool = False
+    """Read a slice whose real path lies outside `folder` (a symbolic link out of it, or a
+    `..` through a mount). By default such a file is never opened: it is recorded as failed
+    with the link's target, so a link to someone else's data is not denoised into the output."""
+
     @field_validator("folder", mode="before")
     @classmethod
     def _expand_folder(cls, value: Any) -> Any:

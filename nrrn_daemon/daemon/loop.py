@@ -60,6 +60,7 @@ from nrrn_daemon.states import OutputReason, SliceState
 from nrrn_daemon.store.store import Store
 from nrrn_daemon.triplets import TripletGrouper, Work
 from nrrn_daemon.watch.watcher import Watcher
+from nrrn_daemon.watch.worker import PollWorker
 
 log = logging.getLogger("nrrn_daemon")
 
@@ -180,7 +181,9 @@ class Daemon:
             settle_s=w.settle_s,
             rescan_interval_s=w.rescan_interval_s,
             decode_check=self.cache.check if overlap else None,
+            follow_links=w.follow_links,
         )
+        self.watch = PollWorker(self.watcher, w.answer_timeout_s, on_done=self._wake.set)
         self.arrivals = Arrivals(
             profile=profile, store=store, dataset_id=self.dataset_id,
             watch_folder=self.watch_folder, grouper=self.grouper,
@@ -238,6 +241,7 @@ class Daemon:
             if not burst:
                 self.finetuning.start()
             self.watcher.start()
+            self.watch.start()  # from here on, only its thread calls the watcher
             self.pipeline.start()
             while self._stop_reason is None:
                 now = time.time()
@@ -251,7 +255,7 @@ class Daemon:
                     self._heartbeat(run_id)
                     last_beat = now
                 settled = not (busy or self._retry or self._arrived) and self.pipeline.idle
-                if burst and settled and self.watcher.idle:
+                if burst and settled and self.watch.idle:
                     released = self.arrivals.release(None)  # held slices: usable after all
                     for item, reason in released:
                         self._submit(item, reason)
@@ -270,7 +274,7 @@ class Daemon:
             reason = f"crashed: {type(exc).__name__}: {exc}"
             raise
         finally:
-            self.watcher.stop()
+            self.watch.stop()
             self.finetuning.stop()
             for done in self.pipeline.close(STOP_TIMEOUT_S):  # outputs written are recorded
                 self._finish(done, closing=True)
@@ -281,7 +285,7 @@ class Daemon:
 
     def _turn(self, now: float) -> bool:
         """One turn: new files, timeouts, submit units, record finished ones. True if busy."""
-        result = self.watcher.poll(now)  # cheap: stats, and headers of stable files
+        result = self.watch.poll(now)  # in the watch worker: waits ≤ 0.5 s on a hung share
         self.state.folder_error = result.folder_error
         self._arrived.extend(result.complete)
         for path, why in result.failed:

@@ -20,15 +20,30 @@ compilation costs seconds and gains nothing (measured: 3.6 ms per pass either wa
 compilation (:data:`COMPILE_MIN_MINUTES`, :data:`COMPILE_MIN_STEPS`).
 
 Where compilation is impossible (no C++ compiler, an unsupported Python, a backend error), the
-model falls back to eager execution, logged once per process, and the call is re-run: results
-are the same, only slower.
+model falls back to eager execution, logged once per process with the cause, and the call is
+re-run: results are the same, only slower.
+
+**The compile cache heals.** Compiled kernels are cached on disk in the daemon's own folder,
+versioned by torch and Python (:func:`compile_cache_dir`; ``NRRN_COMPILE_CACHE`` sets its
+parent). A process killed while compiling (power cut, OOM kill, ``kill -9`` during the warm-up)
+can leave a truncated kernel library behind, which inductor would load at every later start and
+fail on ("main.so: file too short"). So the first compilation of each process first removes
+kernel libraries that are not whole (:func:`heal_compile_cache`: an ELF file shorter than its
+own section table says), and a compilation that still fails on a damaged cache entry (an
+``ImportError``/``EOFError``/unpickling error naming a file in the cache) clears the cache and
+compiles once more before giving up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import struct
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -52,6 +67,120 @@ OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 )
 _compile_failure: str | None = None
 """Why compilation failed in this process, once it has: later models do not retry or re-log."""
+CACHE_ENV = "NRRN_COMPILE_CACHE"
+"""Environment variable naming the parent of the daemon's compile cache folder."""
+_cache_dir: Path | None = None
+"""The cache folder this process compiles into, once chosen (and healed) by the first compile."""
+
+
+def compile_cache_dir() -> Path:
+    """The daemon's own compile cache: ``<parent>/torch-<version>-py<major.minor>``.
+
+    The parent is ``$NRRN_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/nrrn-daemon/inductor``
+    (``~/.cache/nrrn-daemon/inductor``). One folder per torch and Python version, so that an
+    upgrade never meets kernels of another build; nothing else writes there.
+    """
+    parent = os.environ.get(CACHE_ENV)
+    if not parent:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        parent = os.path.join(xdg, "nrrn-daemon", "inductor")
+    version = torch.__version__.replace("+", "_")
+    return Path(parent) / f"torch-{version}-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _use_compile_cache() -> Path:
+    """Point inductor at :func:`compile_cache_dir` and heal it, once per process."""
+    global _cache_dir
+    if _cache_dir is None:
+        folder = compile_cache_dir()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read by inductor at each use
+        heal_compile_cache(folder)
+        _cache_dir = folder
+    return _cache_dir
+
+
+def elf_is_whole(path: Path) -> bool:
+    """Whether an ELF file is as long as its header says (its section table ends the file).
+
+    A linker killed mid-write leaves an empty or short file; ``dlopen`` then fails with "file
+    too short". Anything that is not ELF at all counts as damaged too.
+    """
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(64)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return False
+    if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in (1, 2):
+        return False
+    order = "<" if header[5] == 1 else ">"
+    if header[4] == 2:  # 64-bit: e_shoff at 0x28, e_shentsize/e_shnum at 0x3A
+        if len(header) < 64:
+            return False
+        (shoff,) = struct.unpack_from(order + "Q", header, 0x28)
+        shentsize, shnum = struct.unpack_from(order + "HH", header, 0x3A)
+    else:
+        (shoff,) = struct.unpack_from(order + "I", header, 0x20)
+        shentsize, shnum = struct.unpack_from(order + "HH", header, 0x2E)
+    return shoff + shentsize * shnum <= size
+
+
+def heal_compile_cache(folder: Path) -> list[Path]:
+    """Remove kernel libraries (``*.so``) under ``folder`` that are not whole; return them.
+
+    Inductor compiles a missing library again, so removing a damaged one is enough. Libraries
+    being written by a live process are only ever missing, never short: inductor's builds run
+    under a per-kernel file lock and the library is whole once the lock is released; a short
+    one was left by a killed process.
+    """
+    if not folder.is_dir():
+        return []
+    damaged = [p for p in folder.rglob("*.so") if p.is_file() and not elf_is_whole(p)]
+    for path in damaged:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    if damaged:
+        log.warning(
+            "removed %d damaged compiled kernel(s) from %s, left by a compilation that was "
+            "interrupted (a kill or power cut at start-up); they are compiled again",
+            len(damaged),
+            folder,
+        )
+    return damaged
+
+
+def clear_compile_cache(folder: Path) -> None:
+    """Delete the compile cache folder and inductor's in-memory caches (compiled again later)."""
+    from torch._inductor.utils import clear_caches  # late: inductor is heavy to import
+
+    aside = folder.with_name(f"{folder.name}.cleared-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        folder.rename(aside)  # atomic: no process sees a half-deleted cache
+    shutil.rmtree(aside, ignore_errors=True)
+    clear_caches()
+    torch._dynamo.reset()
+
+
+CACHE_DAMAGE_ERRORS = ("file too short", "invalid elf header", "ran out of input", "truncated")
+"""Error texts of a damaged cache entry (a short library, a cut pickle), as opposed to a compiler
+that is missing or fails on good input."""
+
+
+def is_cache_damage(exc: BaseException, folder: Path | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) comes from a damaged cache entry."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        names_cache = folder is not None and str(folder).lower() in text
+        if isinstance(exc, ImportError | EOFError) and names_cache:
+            return True
+        if type(exc).__name__ == "UnpicklingError" or (
+            names_cache and any(marker in text for marker in CACHE_DAMAGE_ERRORS)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 def wants_compile(
@@ -96,6 +225,7 @@ def prepare(
             log.debug("not compiling: compilation already failed here (%s)", _compile_failure)
         else:
             try:
+                _use_compile_cache()
                 model.compile_branches()
             except Exception as exc:  # noqa: BLE001 - any failure means "run eagerly"
                 _give_up_compiling(model, exc)
@@ -121,8 +251,10 @@ def run_with_fallback(model: object, call: Callable[..., T], *args: object) -> T
     """``call(*args)``; if ``model`` is compiled and compilation fails, uncompile it and call again.
 
     Compilation happens lazily, at the first call of each graph, so its errors surface here.
-    Out-of-memory errors are not compilation failures: they propagate (the Denoiser retries
-    with smaller tiles). An error of the eager re-run propagates too: it is a real one.
+    A failure caused by a damaged cache entry clears the cache and compiles once more (see the
+    module docstring). Out-of-memory errors are not compilation failures: they propagate (the
+    Denoiser retries with smaller tiles). An error of the eager re-run propagates too: it is a
+    real one.
     """
     if not (isinstance(model, NRRN) and model.compiled):
         return call(*args)
@@ -131,20 +263,52 @@ def run_with_fallback(model: object, call: Callable[..., T], *args: object) -> T
     except OOM_ERRORS:
         raise
     except Exception as exc:  # noqa: BLE001 - logged once, then eager; a real error re-raises
+        if not is_cache_damage(exc, _cache_dir):
+            _give_up_compiling(model, exc)
+            return call(*args)
+        assert _cache_dir is not None  # is_cache_damage needs the folder
+        log.warning(
+            "the compile cache %s is damaged (%s): cleared it, compiling again",
+            _cache_dir,
+            _reason(exc),
+        )
+        clear_compile_cache(_cache_dir)
+        model.compile_branches()
+    try:
+        return call(*args)
+    except OOM_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - second failure: eager, with the real cause
         _give_up_compiling(model, exc)
     return call(*args)
+
+
+def _reason(exc: BaseException) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first_line}".rstrip(": ")
+
+
+def _advice(exc: BaseException) -> str:
+    """What to do about a compilation failure, from its cause."""
+    text = str(exc).lower()
+    missing = ("command not found", "no such file or directory: 'g++'", "invalidcxxcompiler")
+    if any(m in text for m in missing) or not (shutil.which("g++") or shutil.which("c++")):
+        return "install a C++ compiler (gcc) to compile it"
+    if is_cache_damage(exc, _cache_dir):
+        return f"the compile cache stays damaged after clearing it once; delete {_cache_dir}"
+    return "a C++ compiler is installed, so this is a torch/inductor error: report it with the log"
 
 
 def _give_up_compiling(model: NRRN, exc: BaseException) -> None:
     global _compile_failure
     model.uncompile()
-    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-    reason = f"{type(exc).__name__}: {first_line}".rstrip(": ")
+    reason = _reason(exc)
     if _compile_failure is None:
         log.warning(
             "torch.compile is not available here (%s): running the network eagerly (same "
-            "results, slower); install a C++ compiler (gcc) to compile it",
+            "results, slower); %s",
             reason,
+            _advice(exc),
         )
     _compile_failure = reason
 

@@ -84,7 +84,7 @@ def status_report(
         ``slices`` (count per state), ``waiting`` (ready slices), ``unusable`` (latest slices not
         used as neighbours, with reasons), ``failed`` (latest ones with
         reasons), ``latency_s`` (ready → finished: ``median``, ``p90``, ``last``, ``count``),
-        ``throughput_per_h`` (``last_hour``, ``overall``), ``model``, ``device`` and
+        ``throughput_per_h`` (see :func:`_throughput`), ``model``, ``device`` and
         ``cpu_fallback`` (of the last output), ``next_finetune`` (from the run's live state),
         ``quality`` (``measured``, ``last`` output's noise and IQR, ``noise_in_level``: the
         running median of the input noise, ``flagged``: the latest slices whose input noise
@@ -363,16 +363,36 @@ def _latency(session: Session, dataset_id: int, last: Output | None) -> dict[str
 
 
 def _throughput(session: Session, dataset_id: int, now: float) -> dict[str, float | None]:
-    """Outputs per hour over the last hour, and over the span from first start to last finish."""
-    in_hour = session.scalar(
-        select(func.count())
-        .select_from(Output)
-        .where(Output.dataset_id == dataset_id, Output.finished_at >= now - HOUR_S)
-    )
+    """Outputs per hour over a stated window, and over the span of all outputs.
+
+    The window is the last hour, shortened to start at the first output's start when the data
+    set began less than an hour ago (a rate over an hour that was mostly before the first slice
+    would understate it). ``rate`` is ``outputs`` over ``window_s``; ``overall`` is every output
+    over the span from the first start to the last finish (``span_s``). Both rates are per hour.
+    """
     n, first, last = session.execute(
         select(func.count(), func.min(Output.started_at), func.max(Output.finished_at)).where(
             Output.dataset_id == dataset_id
         )
     ).one()
-    overall = n / ((last - first) / HOUR_S) if n and last > first else None
-    return {"last_hour": float(in_hour or 0), "overall": overall}
+    if not n:
+        return {
+            "window_s": None, "outputs": 0, "rate": None, "overall": None, "span_s": None,
+            "total": 0,
+        }  # fmt: skip
+    start = max(now - HOUR_S, first)
+    in_window = session.scalar(
+        select(func.count())
+        .select_from(Output)
+        .where(Output.dataset_id == dataset_id, Output.finished_at >= start)
+    )
+    window = now - start
+    span = last - first
+    return {
+        "window_s": window,
+        "outputs": int(in_window or 0),
+        "rate": (in_window or 0) / (window / HOUR_S) if window > 0 else None,
+        "overall": n / (span / HOUR_S) if span > 0 else None,
+        "span_s": span,
+        "total": int(n),
+    }

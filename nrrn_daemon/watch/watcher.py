@@ -127,6 +127,10 @@ class Watcher:
     decode_check
         ``check(path) -> (ok, reason)``, decoding the whole image; default
         :func:`nrrn_daemon.imaging.tiff.slice_is_complete`.
+    follow_links
+        Read files whose real path lies outside ``folder`` (a symbolic link out of it, a
+        ``..`` through a mount). When false (the default) such a file is never opened: it is
+        reported as failed, with its target, at once.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class Watcher:
         rescan_interval_s: float = 60.0,
         failure_grace_s: float | None = None,
         decode_check: DecodeCheck | None = None,
+        follow_links: bool = False,
     ) -> None:
         if observer not in OBSERVER_KINDS:
             raise ValueError(f"observer must be one of {OBSERVER_KINDS}, got {observer!r}")
@@ -155,6 +160,7 @@ class Watcher:
             max(3.0 * settle_s, 10.0) if failure_grace_s is None else failure_grace_s
         )
         self._decode_check = decode_check if decode_check is not None else _default_decode_check()
+        self.follow_links = follow_links
         self._candidates: dict[Path, _Candidate] = {}
         self._reported: dict[Path, tuple[int, int]] = {}
         self._hints: Hints = (
@@ -343,6 +349,12 @@ class Watcher:
             del self._candidates[path]
             return None
         sig = (st.st_size, st.st_mtime_ns)
+        outside = None if self.follow_links else self._outside(path)
+        if outside is not None:  # never opened, not even to decode it
+            del self._candidates[path]
+            self._reported[path] = sig
+            log.warning("%s", outside)
+            return False, outside
         if sig != (cand.size, cand.mtime_ns):
             if self._reported.get(path) == sig:  # a hint for content already reported
                 del self._candidates[path]
@@ -367,6 +379,16 @@ class Watcher:
         if not ok:
             log.warning("%s stayed undecodable for %.1f s: %s", path, stable_for, reason)
         return ok, reason
+
+    def _outside(self, path: Path) -> str | None:
+        """Why ``path`` must not be read: its real path lies outside the watch folder; else None."""
+        real = Path(os.path.realpath(path))
+        if real.is_relative_to(os.path.realpath(self.folder)):
+            return None
+        return (
+            f"{path.name} resolves to {real}, outside the watch folder {self.folder} (a link) — "
+            "not read; copy the file into the folder, or set watch.follow_links = true"
+        )
 
     def _decode(self, path: Path) -> tuple[bool, str]:
         try:

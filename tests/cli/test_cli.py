@@ -216,6 +216,12 @@ def test_status_provenance_and_an_exact_rerun(tmp_path, tiny_checkpoint, crop):
     assert ds["precision"] in ("bf16", "float32")
     text = invoke("status", "--db", db)
     assert text.exit_code == 0 and f"cpu ({ds['precision']})" in text.output
+    # One short run: the text states each rate's window, and says what --json says.
+    tp = ds["throughput_per_h"]
+    assert tp["total"] == tp["outputs"] == len(crop)
+    words = " ".join(text.output.replace("│", " ").split())
+    assert f"{tp['overall']:.0f} /h from first start to last output ({len(crop)} in" in words
+    assert f"({len(crop)} outputs)" in words and "over the last" in words
     target = out / "SEM Image - SliceImage - 003.tif"
     result = invoke("provenance", target, "--db", db, "--json")
     assert result.exit_code == 0, result.output

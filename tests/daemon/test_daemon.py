@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import fill_disk
 from helpers import make_profile  # noqa: F401  (other test modules import it from here)
 
 from nrrn_daemon import files
 from nrrn_daemon.daemon import loop as daemon_mod
 from nrrn_daemon.daemon.loop import Daemon
+from nrrn_daemon.errors import NRRNError
+from nrrn_daemon.imaging import tiff as imageio
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.sim.microscope import Microscope, encode_tiff, write_slowly
 from nrrn_daemon.store.store import Store
@@ -256,6 +259,76 @@ def test_full_disk_keeps_the_slice_pending_and_retries(
         assert files.sha256_file(Path(rec["path"])) == rec["sha"]
 
 
+def test_a_really_full_output_disk_keeps_the_slices_ready_until_space_is_freed(
+    tmp_path, tiny_checkpoint, volume, monkeypatch, small_disk
+):
+    """The output folder on a real, full tmpfs: nothing is patched; ENOSPC is the kernel's."""
+    monkeypatch.setattr(daemon_mod, "RETRY_S", 0.3)
+    out = small_disk("out", "256k")
+    filler = fill_disk(out)
+    profile = make_profile(tmp_path, tiny_checkpoint)
+    Microscope(tmp_path / "raw", volume[:3], NAME, interval_s=0.0, chunks=1).run()
+    db = profile.store.database
+    with Running(profile) as run:
+        run.wait_for(lambda: run.daemon.state.retries >= 3, timeout=60)
+        with Store(db, readonly=True) as store:
+            [ds] = store.status()["datasets"]
+        assert ds["outputs"] == 0 and ds["slices"]["ready"] == 3, ds["slices"]
+        assert "disk full" in store_reasons(db)
+        assert sorted(p.name for p in out.iterdir()) == ["filler.bin"], "no temp file left"
+        filler.unlink()  # the facility frees space: the retries go through
+        run.wait_for(lambda: len(set(run.outputs)) == 3, timeout=60)
+    outs = current_outputs(db)
+    assert len(outs) == 3
+    assert sorted(p.name for p in out.iterdir()) == sorted(outs)
+    for rec in outs.values():
+        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
+
+
+def store_reasons(db: Path) -> str:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    reasons = " ".join(r or "" for (r,) in con.execute("SELECT reason FROM slices"))
+    con.close()
+    return reasons
+
+
+def test_a_full_disk_under_the_database_stops_cleanly_and_loses_nothing(
+    tmp_path, tiny_checkpoint, volume, small_disk
+):
+    """SQLite (WAL) on a real, full tmpfs: the daemon stops with one clear line; after space is
+    freed a restart denoises every slice, and the database is whole."""
+    state = small_disk("state", "1m")
+    db = state / "db.sqlite"
+    profile = make_profile(tmp_path, tiny_checkpoint, **{"store.database": str(db)})
+    scope = Microscope(tmp_path / "raw", volume[:5], NAME, interval_s=0.0, chunks=1)
+    for k in range(2):
+        scope.write(k)
+    with Store(profile.store.database) as store:
+        assert Daemon(profile, store).work(burst=True) == "burst complete"
+    filler = fill_disk(state)
+    for k in range(2, 5):
+        scope.write(k)
+    with pytest.raises(NRRNError) as stopped:  # opening it or recording: whichever fails first
+        with Store(profile.store.database) as store:
+            Daemon(profile, store).work(burst=True)
+    message = str(stopped.value)
+    assert "db.sqlite" in message and "disk" in message.lower(), message
+    filler.unlink()
+    with Store(profile.store.database) as store:
+        assert Daemon(profile, store).work(burst=True) == "burst complete"
+    import sqlite3
+
+    con = sqlite3.connect(profile.store.database)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    con.close()
+    outs = current_outputs(profile.store.database)
+    assert sorted(outs) == [NAME.format(k) for k in range(5)]
+    for rec in outs.values():
+        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
+
+
 def test_status_reads_while_the_daemon_runs(tmp_path, tiny_checkpoint, volume):
     profile = make_profile(tmp_path, tiny_checkpoint)
     Microscope(tmp_path / "raw", volume[:3], NAME, interval_s=0.0, chunks=1).run()
@@ -372,3 +445,25 @@ def test_a_new_model_re_denoises_earlier_slices_as_new_versions(
             )
             assert versions[0][0] == 1 and not versions[0][3]
             assert versions[1] == (2, "new-model", "ds-v1", True)
+
+
+def test_a_link_out_of_the_watch_folder_is_recorded_failed_and_not_denoised(
+    tmp_path, tiny_checkpoint, volume
+):
+    profile = make_profile(tmp_path, tiny_checkpoint)
+    raw = tmp_path / "raw"
+    scope = Microscope(raw, volume, NAME, interval_s=0.0, chunks=1)
+    for k in range(4):
+        scope.write(k)
+    elsewhere = tmp_path / "other_project" / "their_slice.tif"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(encode_tiff(volume[4]))  # a real TIFF that is not ours
+    (raw / NAME.format(4)).symlink_to(elsewhere)
+    with Store(profile.store.database) as store:
+        assert Daemon(profile, store).work(burst=True) == "burst complete"
+        ds = store.status()["datasets"][0]
+    reasons = {f["name"]: f["reason"] for f in ds["failed"]}
+    assert "outside the watch folder" in reasons[NAME.format(4)], reasons
+    assert str(elsewhere) in reasons[NAME.format(4)]
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert NAME.format(4) not in written and NAME.format(3) in written

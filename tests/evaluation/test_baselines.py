@@ -21,7 +21,7 @@ TUNE, TEST = 1, 3
 @pytest.fixture(scope="module")
 def crop(fib25: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(clean, noisy) float 5×64×64 crops of FIB-25 with gaussian:25 noise."""
-    clean = np.ascontiguousarray(fib25[120:125, 90:154, 90:154])
+    clean = np.ascontiguousarray(fib25[10:15, 90:154, 90:154])
     noisy = noisy_stack(clean, "gaussian:25", seed=0)
     return clean.astype(np.float64), noisy.astype(np.float64)
 

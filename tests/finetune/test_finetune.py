@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def fib_crop(fib25: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    clean = np.ascontiguousarray(fib25[100 : 100 + SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
+    clean = np.ascontiguousarray(fib25[:SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
     return clean, noisy_stack(clean, "poisson:4", seed=1)
 
 
@@ -267,7 +268,7 @@ def make_scan_dataset(folder: Path, scans: list[np.ndarray]) -> Path:
 
 def test_a_repeat_scan_dataset_finetunes_on_scan_triplets(tmp_path: Path, fib25) -> None:
     """Three scans of one slice carry the same signal: the fine-tune trains on scan triplets."""
-    clean = np.ascontiguousarray(fib25[100 : 100 + SCAN_SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
+    clean = np.ascontiguousarray(fib25[:SCAN_SLICES, 60 : 60 + SIDE, 60 : 60 + SIDE])
     scans = [noisy_stack(clean, "poisson:4", seed=10 + s) for s in range(3)]
     # Slice 9's third scan is still being acquired: its group is incomplete and left out.
     db = make_scan_dataset(tmp_path, [scans[0], scans[1], scans[2][:-1]])
@@ -319,7 +320,40 @@ def test_too_few_complete_scan_groups_say_so(tmp_path: Path, fib25) -> None:
     from nrrn_daemon.errors import InputError
     from nrrn_daemon.finetune.run import raw_scan_groups
 
-    clean = np.ascontiguousarray(fib25[100:102, :32, :32])
+    clean = np.ascontiguousarray(fib25[0:2, :32, :32])
     db = make_scan_dataset(tmp_path, [noisy_stack(clean, "poisson:4", seed=s) for s in range(2)])
     with Store(db, readonly=True) as store, pytest.raises(InputError, match="≥ 3 scans"):
         raw_scan_groups(store, store.dataset_ids()["ds"], FRACTION, 3)
+
+
+def test_a_full_models_disk_fails_the_finetune_and_keeps_the_model(
+    tmp_path: Path, small_disk
+) -> None:
+    """The models folder on a real, full tmpfs: the candidate cannot be saved; the run is
+    recorded failed with the reason, no partial checkpoint is left, the model in service stays;
+    once space is freed the next run saves its candidate."""
+    from conftest import fill_disk, noisy_test_stack
+
+    from nrrn_daemon.finetune.run import FinetuneResult, child_main
+
+    parent = tiny_parent(tmp_path / "parent.pt")
+    db = make_dataset(tmp_path, noisy_test_stack(n=8, size=40), parent)
+    models = small_disk("models", "1m")
+    filler = fill_disk(models)
+    job = FinetuneJob(
+        db=str(db), dataset="ds", parent=str(parent), models_dir=str(models), minutes=None, steps=3,
+        device="cpu", patch=24, batch=2, validation_fraction=0.3,
+    )  # fmt: skip
+    (tmp_path / "job.json").write_text(json.dumps(asdict(job)))
+    assert child_main([str(tmp_path / "job.json"), str(tmp_path / "result.json")]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and "disk full" in result["error"], result
+    assert sorted(p.name for p in models.rglob("*") if p.is_file()) == ["filler.bin"]
+    with Store(db) as store:
+        ft_id = begin(store, job, os.getpid(), "test")
+        record_result(store, ft_id, FinetuneResult.from_json(json.dumps(result)))
+        assert store.current_model_id(store.dataset_ids()["ds"]) is None, "model unchanged"
+    filler.unlink()
+    saved = run_finetune(job)
+    assert Path(saved.candidate_path).parent.parent == models
+    assert load_checkpoint(saved.candidate_path).content_sha256 == saved.candidate_sha256

@@ -215,6 +215,26 @@ def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
         Store(other)
 
 
+def test_throughput_of_a_short_run_states_its_window_and_agrees(
+    store: Store, db: Path, clock: Clock, tmp_path: Path
+) -> None:
+    """Eight outputs in 3.2 s, read 0.8 s later: both rates are over the run, not over an hour
+    (the bug: "8 /h last hour · 8701 /h overall")."""
+    ds = store.ensure_dataset("ds", str(tmp_path), "default")
+    ids = add_slices(store, ds, tmp_path, 10)
+    model = add_model(store)
+    for k in range(1, 9):
+        add_output(store, ds, ids, k, model, out=tmp_path / "out", started_at=T0 + 0.4 * (k - 1),
+                   finished_at=T0 + 0.4 * k)  # fmt: skip
+    clock.t = T0 + 4.0
+    with Store(db, readonly=True, clock=clock) as ro:
+        tp = ro.status()["datasets"][0]["throughput_per_h"]
+    assert tp["window_s"] == pytest.approx(4.0) and tp["outputs"] == tp["total"] == 8
+    assert tp["rate"] == pytest.approx(8 / 4.0 * 3600)
+    assert tp["overall"] == pytest.approx(8 / 3.2 * 3600)
+    assert 0.75 < tp["rate"] / tp["overall"] <= 1.0
+
+
 def test_status_counts_latency_throughput_and_heartbeat(
     store: Store, db: Path, clock: Clock, tmp_path: Path
 ) -> None:
@@ -244,8 +264,10 @@ def test_status_counts_latency_throughput_and_heartbeat(
         assert d["waiting"] == 1
         assert d["failed"][0]["reason"] == "cannot read TIFF header: truncated"
         assert d["latency_s"] == {"median": 5.0, "p90": 9.0, "last": 10.0, "count": 10}
-        assert d["throughput_per_h"]["last_hour"] == 3.0
-        assert d["throughput_per_h"]["overall"] == pytest.approx(10 / (910.0 / 3600.0))
+        assert d["throughput_per_h"] == {
+            "window_s": 3600.0, "outputs": 3, "rate": 3.0,
+            "overall": pytest.approx(10 / (910.0 / 3600.0)), "span_s": 910.0, "total": 10,
+        }  # fmt: skip
         assert d["model"] == {"label": "base-abababab", "sha256": "ab" * 32}
         assert (d["device"], d["cpu_fallback"], d["next_finetune"]) == ("cuda:0", False, "02:00")
         json.dumps(status)  # JSON-able as it is

@@ -390,3 +390,46 @@ def test_known_files_are_not_reported_until_they_change(folder: Path, microscope
 
         microscope.write(slice_name(1), tiff_bytes(3))  # the known file is replaced
         assert poll_until(watcher, lambda s: bool(s.complete)).complete == [known]
+
+
+# -- links out of the watch folder ---------------------------------------------------------------
+class CountingDecode:
+    """The real decode check, remembering every file it opened."""
+
+    def __init__(self) -> None:
+        self.opened: list[Path] = []
+
+    def __call__(self, path: Path) -> tuple[bool, str]:
+        self.opened.append(path)
+        return tiff_decodes(path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_link_to_a_tiff_outside_the_folder_is_failed_unread(tmp_path: Path, kind: str):
+    """Someone else's real TIFF, linked into the watch folder, is never opened (not even to
+    decode it) unless ``follow_links``; a link that stays inside the folder is read as usual."""
+    folder = tmp_path / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    elsewhere = tmp_path / "someone_else" / "private.tif"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(tiff_bytes(1))
+    (folder / "sub" / "kept.tif").write_bytes(tiff_bytes(2))
+    (folder / slice_name(8)).symlink_to(elsewhere)
+    (folder / slice_name(9)).symlink_to(Path("sub") / "kept.tif")  # inside: fine
+    (folder / slice_name(10)).write_bytes(tiff_bytes(3))
+    decode = CountingDecode()
+    with make_watcher(folder, kind, decode_check=decode) as w:
+        first = w.poll(now=0.0)  # stamps what the start-up scan found; the link fails at once
+        later = w.poll(now=SETTLE + 0.01)
+    assert first.failed and first.failed[0][0] == folder / slice_name(8), first
+    reason = first.failed[0][1]
+    assert str(elsewhere) in reason and "outside the watch folder" in reason
+    assert "watch.follow_links" in reason
+    assert later.complete == [folder / slice_name(9), folder / slice_name(10)], later
+    assert elsewhere not in decode.opened and folder / slice_name(8) not in decode.opened
+
+    with make_watcher(folder, kind, decode_check=decode, follow_links=True) as w:
+        w.poll(now=0.0)
+        allowed = w.poll(now=SETTLE + 0.01)
+    assert not allowed.failed
+    assert allowed.complete == [folder / slice_name(i) for i in (8, 9, 10)]

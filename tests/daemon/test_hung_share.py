@@ -1,0 +1,92 @@
+"""The daemon beside a hung share: a real FUSE folder that stops answering (tests/watch/stallfs.py).
+
+While the watch folder hangs, the loop goes on: the heartbeat is written, ``status`` says
+"watch folder ... not answering for N s", a stop request ends the daemon within 10 s; when the
+folder answers again the slices written meanwhile are denoised without a restart.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "watch"))
+from stallfs import StalledShare  # noqa: E402
+from test_daemon import NAME, Running, make_profile  # noqa: E402
+
+from nrrn_daemon.sim.microscope import Microscope  # noqa: E402
+from nrrn_daemon.store.store import Store  # noqa: E402
+
+pytestmark = pytest.mark.mounts
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Iterator[StalledShare]:
+    why = StalledShare.unavailable()
+    if why is not None:
+        pytest.skip(f"no hung share can be made here: {why}")
+    (tmp_path / "server").mkdir()
+    (tmp_path / "mnt").mkdir()
+    share = StalledShare(tmp_path / "server", tmp_path / "mnt", tmp_path / "stalled")
+    try:
+        share.mount()
+    except OSError as exc:
+        pytest.skip(f"cannot mount FUSE here: {exc}")
+    yield share
+    share.unmount()
+
+
+@pytest.fixture
+def volume():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(40, 200, size=(1, 48, 40)).astype(np.float32)
+    vol = np.repeat(base, 9, axis=0) + rng.normal(0, 12, size=(9, 48, 40))
+    return np.clip(vol, 0, 255).astype(np.uint8)
+
+
+def live_folder_error(db: Path) -> str:
+    with Store(db, readonly=True) as store:
+        run = store.status()["run"]
+    return (run or {}).get("live", {}).get("folder_error") or ""
+
+
+def test_a_hung_share_leaves_the_heartbeat_status_and_stop_working(
+    tmp_path, tiny_checkpoint, volume, share
+):
+    profile = make_profile(
+        tmp_path, tiny_checkpoint,
+        **{"watch.folder": str(share.mountpoint), "watch.observer": "listing",
+           "watch.poll_interval_s": 0.2, "watch.answer_timeout_s": 1.0},
+    )  # fmt: skip
+    db = profile.store.database
+    server = Microscope(share.source, volume, NAME, interval_s=0.0, chunks=1)
+    for k in range(3):
+        server.write(k)
+    run = Running(profile)
+    with run:
+        run.wait_for(lambda: {NAME.format(k) for k in range(3)} <= set(run.outputs), timeout=60)
+        share.stall()
+        run.wait_for(lambda: "not answering" in (run.daemon.state.folder_error or ""), timeout=60)
+        # the heartbeat still runs: status shows the stall, read from the store
+        run.wait_for(lambda: "not answering for" in live_folder_error(db), timeout=60)
+        assert str(share.mountpoint) in live_folder_error(db)
+        for k in range(3, 6):  # the acquisition PC goes on writing on the server
+            server.write(k)
+        share.answer()  # the share is back: no restart needed
+        run.wait_for(lambda: {NAME.format(k) for k in range(3, 6)} <= set(run.outputs), 60)
+        run.wait_for(lambda: run.daemon.state.folder_error is None, timeout=60)
+        run.wait_for(lambda: run.daemon.pipeline.idle, timeout=60)  # no read of the share left
+
+        share.stall()  # hung again, and the operator stops the daemon
+        run.wait_for(lambda: "not answering" in (run.daemon.state.folder_error or ""), timeout=60)
+        run.daemon.request_stop("SIGTERM")
+        run.thread.join(10)
+        stopped = not run.thread.is_alive()
+        share.answer()
+        assert stopped, "a stop request ends the daemon within 10 s while the share hangs"
+    assert run.reason == "SIGTERM"
