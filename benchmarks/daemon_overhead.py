@@ -112,11 +112,16 @@ def make_checkpoint(spec: str, folder: Path) -> Path:
     return save_checkpoint(ckpt, folder / f"nrrn-{spec}.pt")
 
 
-def build_denoiser(model: str, ckpt: Path, tile: int) -> Denoiser:
+def build_denoiser(
+    model: str, ckpt: Path, tile: int, device: str = "cpu", compile: str = "off"
+) -> Denoiser:
+    """The model of a run; a real NRRN on ``device`` is warmed up (compiled) before timing."""
     kind, _, arg = model.partition(":")
     if kind == "gpu":
         return GpuStandIn(load_checkpoint(ckpt), float(arg) / 1000)
-    return Denoiser(load_checkpoint(ckpt), device="cpu", tile=tile, compile="off")
+    denoiser = Denoiser(load_checkpoint(ckpt), device=device, tile=tile, compile=compile)
+    denoiser.warm_up()
+    return denoiser
 
 
 def make_slices(n: int, shape: tuple[int, int], staging: Path) -> Callable[[int], np.ndarray]:
@@ -190,9 +195,9 @@ def run_daemon(
             "output.folder": str(root / "out"),
             "store.database": str(root / "db.sqlite"),
             "model.checkpoint": str(ckpt),
-            "model.device": "cpu",
+            "model.device": args.device,
             "model.tile": args.tile,
-            "model.compile": "off",
+            "model.compile": args.compile,
         },
     )
     done_at: list[float] = []
@@ -212,7 +217,7 @@ def run_daemon(
                     daemon.request_stop("benchmark complete")
 
         daemon = Daemon(profile, store, on_event=on_event, overlap=overlap)
-        daemon.serving.denoiser = build_denoiser(model, ckpt, args.tile)
+        daemon.serving.denoiser = build_denoiser(model, ckpt, args.tile, args.device, args.compile)
         started: list[float] = []
 
         def microscope() -> None:
@@ -261,6 +266,8 @@ def main() -> None:
     ap.add_argument("--size", default="2048x2048", help="HxW of each uint8 slice")
     ap.add_argument("--model", default="gpu:150", help='"gpu:MS" (stand-in) or "nrrn:BxF"')
     ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--device", default="cpu", help="device of an nrrn:BxF model (cpu, cuda...)")
+    ap.add_argument("--compile", default="off", choices=("auto", "on", "off"))
     ap.add_argument("--ahead", type=int, default=4, help="files ahead of the outputs")
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the runs")
     ap.add_argument("--json", type=Path)
@@ -277,7 +284,8 @@ def main() -> None:
         pixels = make_slices(n, (h, w), staging)
         # alone, synchronous, alone, overlapped, alone, ...: each daemon run is compared with the
         # mean of the model-alone runs just before and just after it (the machine drifts).
-        alone = partial(model_alone, build_denoiser(args.model, ckpt, args.tile), pixels, n)
+        alone_denoiser = build_denoiser(args.model, ckpt, args.tile, args.device, args.compile)
+        alone = partial(model_alone, alone_denoiser, pixels, n)
         results: dict[str, list[dict]] = {"synchronous": [], "overlapped": []}
         before = in_thread(alone)["steady_s"]
         for r in range(args.rounds):

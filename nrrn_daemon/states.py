@@ -25,6 +25,10 @@ class SliceState(str, Enum):
     """A current output exists for this slice (see ``outputs.is_current``)."""
     FAILED = "failed"
     """The daemon gave up on the slice; ``reason`` says why (unreadable, wrong shape...)."""
+    UNUSABLE = "unusable"
+    """The slice carries no usable signal (``reason``: ``unusable: blank frame``...,
+    :mod:`nrrn_daemon.frames`): never a neighbour nor a fine-tune target. Its output exists (a
+    copy of the input, or denoised alone); a re-acquired frame under its index replaces it."""
 
 
 class OutputMode(str, Enum):
@@ -38,6 +42,9 @@ class OutputMode(str, Enum):
     """The centre alone, standing in for its own neighbour; weaker, re-done when possible."""
     REPEAT = "repeat"
     """Repeated scans of the same slice index used as the neighbours."""
+    COPY = "copy"
+    """An unusable slice without signal: a copy of the input, not denoised (its description
+    says why)."""
 
 
 class InputRole(str, Enum):

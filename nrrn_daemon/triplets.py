@@ -20,6 +20,16 @@ Adjacent mode (Noise2Noise on slices j-1, j, j+1)
       replacement: it takes the old file's place for any work not yet emitted (as centre or as a
       neighbour); work already emitted is not repeated.
 
+Unusable slices (adjacent mode)
+    :meth:`TripletGrouper.add_unusable` records a slice that carries no signal (a blank, broken
+    or unrelated frame, :mod:`nrrn_daemon.frames`). It is never a neighbour: a slice beside it
+    is emitted as soon as its other side is settled, as ``pair`` (the other neighbour is in) or
+    ``single`` (it is unusable too), or waits for its other neighbour as beside any gap. The
+    unusable slice's own output is the caller's (a copy, or denoised alone). A usable file added
+    later under the same index (a re-acquired slice) replaces it: it is emitted as a triplet
+    when its neighbours are in, and with ``redo_as_triplet`` its neighbours are redone as
+    triplets. An unusable slot is never forgotten, so a re-acquired frame is always recognised.
+
 Repeat-scans mode (Noise2Noise on repeated scans of one slice)
     The group key is the index; the ``scan`` numbers of one index form its group. The group is
     emitted as ``repeat`` once ``scans_per_slice`` scans are in, with the centre the lowest scan
@@ -71,6 +81,8 @@ class WorkMode(str, Enum):
     """No neighbour or second scan at all."""
     REPEAT = "repeat"
     """Repeat-scans mode: a complete group of scans of one slice."""
+    COPY = "copy"
+    """An unusable slice with no signal: written as a copy of its input, not denoised."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,9 @@ class Work:
     """Which inputs this work has."""
     redo: bool = False
     """True when it redoes an earlier pair or single result now that the inputs are complete."""
+    unusable: str | None = None
+    """Why the centre is not used as a neighbour (``frames.Verdict.reason``); its own output is
+    then a copy (mode ``copy``) or a single-image denoise."""
 
     @property
     def index(self) -> int:
@@ -161,6 +176,7 @@ class _Slot:
     refs: dict[int, SliceRef]  # adjacent: {0: ref}; repeat-scans: {scan: ref}
     ready_at: float | None  # when it became ready; None once done
     done: WorkMode | None = None  # the mode of its latest emitted (or seeded) work
+    unusable: bool = False  # adjacent mode: never a neighbour (see add_unusable)
 
 
 class TripletGrouper:
@@ -222,6 +238,22 @@ class TripletGrouper:
         """
         return self._insert(ref, now, None)
 
+    def add_unusable(self, ref: SliceRef) -> list[Work]:
+        """Record a slice that must not serve as a neighbour (adjacent mode).
+
+        Returns the work of its neighbours that this settles (pair or single, in index order);
+        the unusable slice's own output is not emitted here.
+        """
+        if self.mode != "adjacent":
+            raise ValueError("unusable slices are judged in adjacent mode only")
+        i = ref.index
+        if i in self._forgotten:
+            return []  # done with long ago: nothing more to settle
+        self._slots[i] = _Slot({0: ref}, None, unusable=True)
+        works = [w for j in (i - 1, i + 1) if (w := self._try_triplet(j)) is not None]
+        self._forget_around([w.index for w in works])
+        return works
+
     def add_done(self, ref: SliceRef, mode: WorkMode | str) -> list[Work]:
         """Seed a slice already processed before a restart, with the mode of its latest result.
 
@@ -276,6 +308,8 @@ class TripletGrouper:
         slot = self._slots.get(i)
         if slot is None:
             slot = self._slots[i] = _Slot({}, now)
+        elif slot.unusable:  # a re-acquired, usable frame replaces an unusable one
+            slot.unusable, slot.done, slot.ready_at = False, None, now
         elif key in slot.refs and slot.refs[key].path == ref.path and done is None:
             return []  # the same file reported again
         if self.mode == "repeat-scans" and key not in slot.refs and self._complete(slot):
@@ -295,9 +329,8 @@ class TripletGrouper:
         for i in indices:
             slot = self._slots[i]
             if self.mode == "adjacent":
-                neighbours = tuple(
-                    self._slots[j].refs[0] for j in neighbour_indices(i, self._slots)
-                )
+                near = [j for j in neighbour_indices(i, self._slots) if self._usable(j)]
+                neighbours = tuple(self._slots[j].refs[0] for j in near)
                 centre = slot.refs[0]
             else:
                 centre, *rest = (slot.refs[k] for k in sorted(slot.refs))
@@ -315,7 +348,7 @@ class TripletGrouper:
         if i in self._forgotten:
             return True
         slot = self._slots.get(i)
-        if slot is None or slot.done is None:
+        if slot is None or slot.done is None or slot.unusable:
             return False
         return slot.done in (WorkMode.TRIPLET, WorkMode.REPEAT) or not self.redo_as_triplet
 
@@ -328,11 +361,22 @@ class TripletGrouper:
 
     # -- adjacent mode ------------------------------------------------------------------------
 
+    def _usable(self, i: int) -> bool:
+        slot = self._slots.get(i)
+        return slot is not None and not slot.unusable
+
     def _try_triplet(self, i: int) -> Work | None:
-        """Emit slice i as a triplet if it and both neighbours are in and it still needs one."""
+        """Emit slice i as a triplet if it and both neighbours are in and it still needs one;
+        as a pair or single, the first time, if its neighbours are settled and one is unusable."""
         slot, prev, nxt = (self._slots.get(j) for j in (i, i - 1, i + 1))
-        if slot is None or prev is None or nxt is None:
+        if slot is None or slot.unusable or prev is None or nxt is None:
             return None
+        if prev.unusable or nxt.unusable:
+            if slot.done is not None:
+                return None  # done already (redone as a triplet if a neighbour is re-acquired)
+            others = tuple(s.refs[0] for s in (prev, nxt) if not s.unusable)
+            slot.done, slot.ready_at = (WorkMode.PAIR if others else WorkMode.SINGLE), None
+            return Work(slot.refs[0], others, slot.done)
         redo = self._claim(slot, WorkMode.TRIPLET)
         if redo is None:
             return None

@@ -21,6 +21,25 @@ FIB25 = Path(
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` run only where torch sees a CUDA device; elsewhere they skip, saying
+    why (``scripts/gpu_check.sh`` runs them on a GPU machine)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = "built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+    skip = pytest.mark.skip(
+        reason=f"needs a CUDA GPU: torch {torch.__version__} here is {why} "
+        "(run scripts/gpu_check.sh on a GPU machine)"
+    )
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def fib25_path() -> Path:
     """Path of the shared real FIB-SEM volume (250³ uint8, ZYX); skips when it is absent."""

@@ -100,6 +100,45 @@ def test_gap_waits_then_pairs_then_redoes_as_triplet() -> None:
     ]
 
 
+def test_an_unusable_slice_is_never_a_neighbour() -> None:
+    g = TripletGrouper(neighbour_wait_s=WAIT)
+    works = feed(g, [1, 2]) + g.add_unusable(ref(3)) + feed(g, [4, 5, 6])
+    assert summary(works) == [
+        (2, "pair", (1,), False),  # at once: its other side is settled
+        (4, "pair", (5,), False),
+        (5, "triplet", (4, 6), False),
+    ]
+    assert all(3 not in [n.index for n in w.neighbours] for w in works)
+    assert g.pending == [1, 6]  # the edges wait as always; the unusable slice is not pending
+    assert summary(g.flush()) == [(1, "pair", (2,), False), (6, "pair", (5,), False)]
+
+
+def test_a_run_of_unusable_slices_leaves_its_neighbours_single() -> None:
+    g = TripletGrouper(neighbour_wait_s=WAIT)
+    works = g.add_unusable(ref(1)) + feed(g, [2]) + g.add_unusable(ref(3))
+    assert summary(works) == [(2, "single", (), False)]
+
+
+def test_a_reacquired_frame_replaces_the_unusable_one_and_its_neighbours_are_redone() -> None:
+    g = TripletGrouper(neighbour_wait_s=WAIT)
+    feed(g, [1, 2])
+    g.add_unusable(ref(3))
+    feed(g, [4, 5])
+    retake = SliceRef(Path("/acq/s00003_retake.tif"), "s00003_retake.tif", 3)
+    works = g.add(retake, 1.0)
+    assert summary(works) == [
+        (2, "triplet", (1, 3), True),
+        (3, "triplet", (2, 4), False),
+        (4, "triplet", (3, 5), True),
+    ]
+    assert works[1].centre is retake
+    same_path = TripletGrouper(neighbour_wait_s=WAIT)
+    feed(same_path, [1])
+    same_path.add_unusable(ref(2))
+    feed(same_path, [3])
+    assert summary(same_path.add(ref(2), 1.0)) == [(2, "triplet", (1, 3), False)]
+
+
 def test_gap_without_redo() -> None:
     g = TripletGrouper(neighbour_wait_s=WAIT, redo_as_triplet=False)
     feed(g, [1, 2, 4, 5])

@@ -4,6 +4,11 @@ A multi-page TIFF in gives ``OUTPUT/<stem>.tif`` with the same shape and dtype; 
 of slice files gives one file per slice in ``OUTPUT`` with the same name and metadata. Interior
 slices use their triplet, the stack's edges the pair mode (``inputs=3``); ``inputs=2`` always
 uses one neighbour (the previous, the next for the first slice), ``inputs=1`` none.
+
+Every slice is judged first (:func:`nrrn_daemon.frames.judge_stack`): an unusable one (blank,
+saturated, cut short, unrelated to its neighbours) is never a neighbour, so the slices beside it
+use the pair mode (single between two bad frames), and it is written itself as a copy of the
+input (no signal) or denoised alone, with a description that says why.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from nrrn_daemon import __version__
+from nrrn_daemon.config.profiles import FrameSettings
 from nrrn_daemon.errors import InputError, OutputError
 from nrrn_daemon.files import safe_join
+from nrrn_daemon.frames import Verdict, judge_stack
 from nrrn_daemon.imaging.stacks import Stack, read_stack
 from nrrn_daemon.imaging.tiff import read_slice, write_slice_atomic, write_stack
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.triplets import neighbour_indices
+
+DEFAULT_FRAMES = FrameSettings()
+"""The frame judgement offline ``denoise`` applies unless told otherwise (the profile defaults)."""
 
 
 def denoise_stack(
@@ -32,11 +42,15 @@ def denoise_stack(
     databar: str = "none",
     databar_rows: int = 0,
     on_slice: Callable[[int, int, str], None] | None = None,
+    frames: FrameSettings | None = DEFAULT_FRAMES,
+    on_unusable: Callable[[str, str], None] | None = None,
 ) -> list[Path]:
     """Denoise one stack into ``output``; returns the written files.
 
     ``databar``/``databar_rows`` crop the microscope's info strip off per-slice files before
     denoising and copy it through, as the daemon does (see :func:`imageio.read_slice`).
+    ``frames`` judges every slice first (None: every slice is a neighbour); ``on_unusable(name,
+    reason)`` is told of each unusable one.
 
     Raises
     ------
@@ -57,30 +71,49 @@ def denoise_stack(
     n = len(stack)
     cache: dict[int, np.ndarray] = {}
 
+    def read(j: int) -> np.ndarray:
+        if stack.source_kind == "files":
+            return read_slice(stack.paths[j], databar, databar_rows).pixels
+        return stack[j]
+
     def pixels(j: int) -> np.ndarray:
         if j not in cache:
-            if stack.source_kind == "files":
-                cache[j] = read_slice(stack.paths[j], databar, databar_rows).pixels
-            else:
-                cache[j] = stack[j]
+            cache[j] = read(j)
         return cache[j]
+
+    def name(j: int) -> str:
+        return stack.names[j] if stack.source_kind == "files" else f"slice {j}"
+
+    verdicts = judge_stack(range(n), read, frames) if frames is not None else {}
+    bad = {i: v for i, v in verdicts.items() if not v.usable}
+    for i, verdict in bad.items():
+        if on_unusable:
+            on_unusable(name(i), verdict.reason or "")
+
+    def estimate(i: int, centre: np.ndarray, neighbours: list[int]) -> np.ndarray:
+        if i in bad and not bad[i].has_signal:
+            return centre.copy()  # nothing to denoise: kept as it came
+        return denoiser.denoise(centre, [pixels(j) for j in neighbours])
 
     results: list[np.ndarray] = []
     written: list[Path] = []
+    usable = set(range(n)) - set(bad)  # an unusable slice is never a neighbour...
     for i in range(n):
         for old in [k for k in cache if k < i - 1]:
             del cache[old]
-        neighbours = neighbour_indices(i, range(n), inputs_per_estimate)
+        # ... and has none itself (it is denoised alone).
+        neighbours = [] if i in bad else neighbour_indices(i, usable, inputs_per_estimate)
         if stack.source_kind == "files":
             centre = read_slice(stack.paths[i], databar, databar_rows)
-            out = denoiser.denoise(centre.pixels, [pixels(j) for j in neighbours])
+            out = estimate(i, centre.pixels, neighbours)
             path = safe_join(output, stack.names[i])
-            write_slice_atomic(
-                path, centre, out, _describe(denoiser, [stack.names[j] for j in neighbours])
-            )
+            described = _describe(denoiser, [stack.names[j] for j in neighbours])
+            if i in bad:
+                described = _describe(denoiser, [], unusable=bad[i])
+            write_slice_atomic(path, centre, out, described)
             written.append(path)
         else:
-            results.append(denoiser.denoise(pixels(i), [pixels(j) for j in neighbours]))
+            results.append(estimate(i, pixels(i), neighbours))
         if on_slice:
             on_slice(i + 1, n, stack.names[i] if stack.source_kind == "files" else f"slice {i}")
     if stack.source_kind != "files":
@@ -91,17 +124,33 @@ def denoise_stack(
             _describe(
                 denoiser,
                 ["triplets" if inputs_per_estimate == 3 else f"{inputs_per_estimate} inputs"],
+                pages={i: v.reason or "" for i, v in bad.items()},
             ),
         )
         written.append(path)
     return written
 
 
-def _describe(denoiser: Denoiser, neighbours: list[str]) -> str:
+def _describe(
+    denoiser: Denoiser,
+    neighbours: list[str],
+    *,
+    unusable: Verdict | None = None,
+    pages: dict[int, str] | None = None,
+) -> str:
+    what = "NRRN denoised (offline)"
+    extra: dict[str, object] = {}
+    if unusable is not None:
+        done = "denoised alone" if unusable.has_signal else "copy of the input, not denoised"
+        what = f"{done}: unusable: {unusable.reason}"
+        extra["unusable"] = unusable.reason
+    if pages:  # a stack: which pages were not used as neighbours, and why
+        extra["unusable_pages"] = {str(i): why for i, why in sorted(pages.items())}
     return json.dumps(
         {
+            **extra,
             "software": f"nrrn-daemon {__version__}",
-            "what": "NRRN denoised (offline)",
+            "what": what,
             "model_sha256": denoiser.checkpoint.content_sha256,
             "neighbours": neighbours,
             "device": denoiser.device,

@@ -26,9 +26,10 @@ import numpy as np
 
 from nrrn_daemon.batch.tasks import JobSpec, SliceSource, SliceTask
 from nrrn_daemon.config.loading import load_profile
-from nrrn_daemon.config.profiles import ModelSettings, Profile
+from nrrn_daemon.config.profiles import FrameSettings, ModelSettings, Profile
 from nrrn_daemon.errors import InputError, NRRNError, OutputError
 from nrrn_daemon.files import safe_join
+from nrrn_daemon.frames import Verdict, judge_stack
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
 from nrrn_daemon.imaging.stacks import folder_slices, read_stack
 from nrrn_daemon.imaging.tiff import check_grey, open_tiff, read_slice
@@ -125,7 +126,8 @@ def plan_reprocess(
             "choose another --output folder"
         )
     naming = profile.output_name if profile else (lambda name, index: name)
-    tasks = _tasks(sources, output, naming)
+    frames = profile.frames if profile else FrameSettings()
+    tasks = _tasks(sources, output, naming, _judge(sources, frames, databar, databar_rows))
     volume = None
     if zarr is not None and Path(zarr).exists():
         volume = OmeZarrVolume.open(Path(zarr))
@@ -243,20 +245,52 @@ def _check_pages(path: Path) -> int:
         return len(pages)
 
 
-def _tasks(
-    sources: list[SliceSource], output: Path | None, naming: Callable[[str, int], str]
-) -> list[SliceTask]:
-    """Neighbours by index (a missing index is a gap: pair mode), z = index − first index."""
+def _judge(
+    sources: list[SliceSource], frames: FrameSettings, databar: str, rows: int
+) -> dict[int, Verdict]:
+    """The unusable slices by index (:func:`~nrrn_daemon.frames.judge_stack`; reads each once)."""
+    if not frames.enabled:
+        return {}
     by_index = {s.index: s for s in sources}
-    base = min(by_index)
+
+    def load(index: int) -> np.ndarray:
+        source = by_index[index]
+        if source.page is None:
+            return read_slice(Path(source.path), databar, rows).pixels  # type: ignore[arg-type]
+        with open_tiff(Path(source.path)) as tif:
+            return tif.pages[source.page].asarray()
+
+    verdicts = judge_stack(by_index, load, frames)
+    return {i: v for i, v in verdicts.items() if not v.usable}
+
+
+def _tasks(
+    sources: list[SliceSource],
+    output: Path | None,
+    naming: Callable[[str, int], str],
+    unusable: dict[int, Verdict] | None = None,
+) -> list[SliceTask]:
+    """Neighbours by index (a missing or unusable index is a gap: pair mode), z = index − first
+    index. An unusable slice has no neighbours: ``copy`` without signal, else ``single``."""
+    unusable = unusable or {}
+    by_index = {s.index: s for s in sources if s.index not in unusable}
+    base = min(s.index for s in sources)
     tasks = []
     for s in sources:
-        near = [by_index[j] for j in neighbour_indices(s.index, by_index)]
+        near = (
+            []
+            if s.index in unusable
+            else [by_index[j] for j in neighbour_indices(s.index, by_index)]
+        )
         mode = mode_for(len(near)).value
+        bad = unusable.get(s.index)
+        if bad is not None and not bad.has_signal:
+            mode = "copy"
         tiff = str(safe_join(Path(output).absolute(), naming(s.name, s.index))) if output else None
         tasks.append(SliceTask(
             z=s.index - base, centre=s, neighbours=tuple(near),
             roles=tuple(input_role(s.index, n.index).value for n in near), mode=mode, tiff=tiff,
+            unusable=bad.reason if bad is not None else None,
         ))  # fmt: skip
     return tasks
 

@@ -26,6 +26,7 @@ from typing import Any
 from nrrn_daemon.batch.plan import REASON, Plan, plan_reprocess
 from nrrn_daemon.batch.tasks import PLUGIN_NAME, ModelCache, SliceResult, SliceTask, run_batch
 from nrrn_daemon.errors import NRRNError, OutputError
+from nrrn_daemon.frames import unusable_label
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
 from nrrn_daemon.imaging.voxels import UNKNOWN_VOXEL
 from nrrn_daemon.states import InputRole, SliceState
@@ -247,5 +248,7 @@ def _record(
         started_at=result.started_at, finished_at=result.finished_at, read_s=result.read_s,
         model_s=result.model_s, write_s=result.write_s, reason=REASON,
     )  # fmt: skip
+    if task.unusable is not None:  # written, but no neighbour nor fine-tune target
+        store.set_slice_state(inputs[0][0], SliceState.UNUSABLE, unusable_label(task.unusable))
     summary.recorded += 1
     summary.devices.add(result.device)

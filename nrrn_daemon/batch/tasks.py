@@ -71,6 +71,8 @@ class SliceTask:
     roles: tuple[str, ...]
     mode: str
     tiff: str | None
+    unusable: str | None = None
+    """Why the centre is no neighbour (:mod:`nrrn_daemon.frames`); mode ``copy``: not denoised."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,10 @@ def process_slice(
     neighbours = [images[n.key][0] for n in task.neighbours]
     neighbour_pixels = [n.pixels if isinstance(n, SliceImage) else n for n in neighbours]
     t1 = time.perf_counter()
-    denoised = denoiser.denoise(pixels, neighbour_pixels)
+    if task.mode == "copy":  # an unusable slice without signal: kept as it came
+        denoised = np.array(pixels, copy=True)
+    else:
+        denoised = denoiser.denoise(pixels, neighbour_pixels)
     t2 = time.perf_counter()
     settings: dict[str, Any] = {
         "tile": denoiser.tile, "tile_batch": denoiser.tile_batch,
@@ -255,6 +260,7 @@ def describe(task: SliceTask, job: JobSpec, denoiser: Denoiser) -> str:
         mode=task.mode, centre=task.centre.name, neighbours=[n.name for n in task.neighbours],
         model_label=job.model_label, model_sha256=job.checkpoint_sha256, device=denoiser.device,
         settings={"tile": denoiser.tile, "databar": job.databar}, via="; reprocess",
+        unusable=task.unusable,
     )  # fmt: skip
 
 

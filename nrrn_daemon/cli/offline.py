@@ -162,9 +162,16 @@ def denoise(
     databar_rows: Annotated[int, typer.Option(min=0, help="With --databar rows: its height.")] = 0,
     precision: Annotated[PrecisionChoice, typer.Option(help=PRECISION_HELP)] = PrecisionChoice.auto,
     compile: Annotated[CompileChoice, typer.Option(help=COMPILE_HELP)] = CompileChoice.auto,
+    judge_frames: Annotated[
+        bool,
+        typer.Option(
+            "--judge-frames/--no-judge-frames",
+            help="Never use a blank, saturated, cut-short or unrelated slice as a neighbour.",
+        ),
+    ] = True,
 ) -> None:
     """Denoise stacks offline: same shape and dtype out, one file per input file."""
-    from nrrn_daemon.batch.offline import denoise_stack
+    from nrrn_daemon.batch.offline import DEFAULT_FRAMES, denoise_stack
     from nrrn_daemon.model.checkpoints import load_checkpoint
     from nrrn_daemon.model.denoise import Denoiser
 
@@ -191,6 +198,10 @@ def denoise(
                 on_slice=tick,
                 databar=databar.value,
                 databar_rows=databar_rows,
+                frames=DEFAULT_FRAMES if judge_frames else None,
+                on_unusable=lambda name, why: err_console.print(
+                    f"[yellow]{name}: unusable: {why} — not used as a neighbour[/]"
+                ),
             )
             bar.update(task, info=f"→ {written[0].parent if written else output}")
     console.print(f"done: model {ckpt.short_sha} on {denoiser.device} ({denoiser.precision})")

@@ -71,7 +71,7 @@ def _dataset_panel(ds: dict[str, Any]) -> Panel:
     t.add_row(
         "slices",
         f"seen {sum(c.values())} · denoised {c.get('denoised', 0)} · waiting {ds['waiting']} · "
-        f"failed [red]{c.get('failed', 0)}[/]",
+        f"unusable [yellow]{c.get('unusable', 0)}[/] · failed [red]{c.get('failed', 0)}[/]",
     )
     lat = ds["latency_s"]
     t.add_row(
@@ -99,6 +99,8 @@ def _dataset_panel(ds: dict[str, Any]) -> Panel:
         t.add_row("fine-tune", f"{ft['started_at']} {ft['status']} {ft['candidate'] or ''}{losses}")
     if ds.get("last_output"):
         t.add_row("last output", f"{ds['last_output']['path']} at {ds['last_output']['at']}")
+    for u in ds.get("unusable", []):
+        t.add_row("[yellow]unusable", f"{u['name']}: {u['reason']}")
     for f in ds.get("failed", []):
         t.add_row("[red]failed", f"{f['name']}: {f['reason']}")
     quality = ds.get("quality") or {}
@@ -119,6 +121,11 @@ def render_provenance(report: dict[str, Any], console: Console) -> None:
     for s in report["slices"]:
         if s["state"] == "failed":
             console.print(f"[red]slice {s['name']} failed:[/] {s['reason']}")
+        elif s["state"] == "unusable":
+            console.print(
+                f"[yellow]slice {s['name']} is no neighbour ({s['reason']}):[/] its output is a "
+                "copy of the input or denoised alone"
+            )
     for out in report["outputs"]:
         current = "[green]current[/]" if out["is_current"] else "superseded"
         t = Table.grid(padding=(0, 2))
@@ -169,7 +176,8 @@ def _live_table(daemon: Daemon, total: int | None) -> Group:
     t.add_row("model", f"{daemon.model.label} on {device}")
     t.add_row(
         "slices",
-        f"seen {s.seen} · denoised {done} · failed {s.failed} · retrying {len(daemon._retry)}",
+        f"seen {s.seen} · denoised {done} · unusable {s.unusable} · failed {s.failed} · "
+        f"retrying {len(daemon._retry)}",
     )
     t.add_row("now", s.current or "waiting for slices")
     t.add_row("last", f"{s.last_output or '—'} (latency {_s(s.last_latency_s)})")
@@ -177,6 +185,8 @@ def _live_table(daemon: Daemon, total: int | None) -> Group:
         t.add_row("[red]watch folder", s.folder_error)
     for f in s.recent_failures:
         t.add_row("[red]failed", f)
+    for u in s.recent_unusable:
+        t.add_row("[yellow]unusable", u)
     return Group(Panel(t, title="nrrn-daemon"))
 
 

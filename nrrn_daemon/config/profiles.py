@@ -24,6 +24,7 @@ from nrrn_daemon.config import naming
 
 __all__ = [
     "FinetuneSettings",
+    "FrameSettings",
     "GroupingSettings",
     "ImageSettings",
     "ModelSettings",
@@ -335,6 +336,45 @@ class FinetuneSettings(BaseModel):
         return value
 
 
+class FrameSettings(BaseModel):
+    """How a slice is judged before it may serve as a neighbour (:mod:`nrrn_daemon.frames`)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    """Judge every slice; false uses any slice that decodes as a neighbour (the old behaviour)."""
+
+    blank_std: float = Field(default=0.5, ge=0, le=1e6)
+    """A slice whose standard deviation (in grey levels of its own dtype) is below this is a
+    blank frame (an all-zero or constant image: a blanked beam, a detector dropout)."""
+
+    saturated_fraction: float = Field(default=0.5, gt=0, le=1)
+    """A slice with more than this fraction of its pixels at the dtype's maximum is a saturated
+    frame (integer dtypes only)."""
+
+    empty_fraction: float = Field(default=0.25, gt=0, le=1)
+    """A slice with more than this fraction of its rows (or of its columns) constant is a frame
+    cut short (a partial scan padded with one value)."""
+
+    ncc_block: int = Field(default=8, ge=1, le=256)
+    """Block size of the block-mean thumbnail on which the normalised cross-correlation (NCC)
+    with the neighbours is measured (averaging lifts it above the noise)."""
+
+    unrelated_ratio: float = Field(default=0.5, ge=0, le=1)
+    """A slice is unrelated to its neighbours when its NCC with both is below this fraction of the
+    data set's level (the median NCC of adjacent usable slices, learned from the data set)."""
+
+    ncc_min_level: float = Field(default=0.2, ge=-1, le=1)
+    """Below this level adjacent slices are not similar enough for the NCC test to mean anything:
+    it is skipped for the data set (the other tests still apply)."""
+
+    ncc_warmup: int = Field(default=4, ge=1, le=100_000)
+    """How many adjacent pairs the level must be learned from before the NCC test applies."""
+
+    ncc_window: int = Field(default=64, ge=1, le=100_000)
+    """The daemon's running level is the median of the last this-many adjacent NCCs."""
+
+
 class Profile(BaseModel):
     """One microscope set-up: the top of a profile TOML file."""
 
@@ -369,6 +409,8 @@ class Profile(BaseModel):
 
     dashboard: DashboardSettings = DashboardSettings()
     """[dashboard]: the read-only web dashboard."""
+    frames: FrameSettings = FrameSettings()
+    """[frames]: which slices carry too little signal to serve as a neighbour."""
 
     _source: Path | None = PrivateAttr(default=None)
 

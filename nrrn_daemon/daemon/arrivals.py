@@ -6,6 +6,13 @@ learns its sha256, shape and dtype (from the one read that loads it into the sli
 a repeat of content already denoised, fails a slice whose size or bit depth is not the data
 set's, records the slice as ready and returns the units the grouper says are now ready (or, for
 new content under a name already denoised, a new version with the same neighbours as before).
+
+Before a slice may serve as a neighbour it is judged (:class:`~nrrn_daemon.frames.LiveJudge`,
+the profile's ``[frames]``): an unusable one is recorded as such with its reason, the grouper
+treats it as missing for its neighbours, and its own output is a copy of the input (no signal)
+or a single-image denoise. A slice that does not resemble the one neighbour it has is held back
+from the grouper until its other neighbour arrives (or ``grouping.neighbour_wait_s`` runs out:
+:meth:`Arrivals.release`).
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import numpy as np
 import tifffile
 
 from nrrn_daemon.config.profiles import Profile
-from nrrn_daemon.daemon.slicecache import SliceCache
+from nrrn_daemon.daemon.slicecache import SliceCache, read_unhashed
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.files import sha256_file
+from nrrn_daemon.frames import LiveJudge, Verdict
 from nrrn_daemon.slices import NameRejected, SliceRef, parse_slice
 from nrrn_daemon.states import InputRole, OutputReason, SliceState
 from nrrn_daemon.store.store import Store
@@ -33,6 +41,12 @@ log = logging.getLogger("nrrn_daemon")
 Ready = tuple[Work, OutputReason | None]
 """A unit of work made ready, with the reason its output is recorded with (None: first/redo)."""
 
+
+def _first(works: list[Work]) -> list[Ready]:
+    """Units the grouper made ready, recorded as first outputs (or redos as triplets)."""
+    return [(item, None) for item in works]
+
+
 Kind = tuple[tuple[int, ...], np.dtype]
 """A slice file's full shape (databar included) and dtype; one per data set."""
 
@@ -42,7 +56,9 @@ class Counters(Protocol):
 
     seen: int
     failed: int
+    unusable: int
     recent_failures: Any
+    recent_unusable: Any
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,8 @@ class Found:
     mtime: float
     sha256: str
     kind: Kind
+    pixels: np.ndarray | None = None
+    """The decoded image (the databar cropped off) where it was read; judged by the frames."""
 
 
 class Arrivals:
@@ -92,6 +110,8 @@ class Arrivals:
         self.state = state
         self.on_event = on_event
         self.kind: Kind | None = None  # the data set's, from its first slice
+        self.judge = LiveJudge(profile.frames, profile.grouping.neighbour_wait_s)
+        self._held: dict[int, SliceRef] = {}  # slices waiting for their other neighbour
 
     def parse(self, path: Path) -> SliceRef | NameRejected | None:
         """The slice a path names, why it names none, or None when it is not ours."""
@@ -122,6 +142,14 @@ class Arrivals:
         known = self.store.get_slice(self.dataset_id, str(path))
         if (
             known is not None
+            and known.state == SliceState.UNUSABLE
+            and known.sha256 == found.sha256
+            and self.store.current_mode(known.id) is not None
+        ):
+            # An unusable slice already written (a restart): still no neighbour.
+            return _first(self.grouper.add_unusable(ref))
+        if (
+            known is not None
             and known.state == SliceState.DENOISED
             and known.sha256 == found.sha256
         ):
@@ -144,11 +172,64 @@ class Arrivals:
         )  # fmt: skip
         self.state.seen += 1
         self.on_event("ready", {"name": path.name, "index": ref.index})
+        if self.profile.grouping.mode == "adjacent" and self.profile.frames.enabled:
+            pixels = found.pixels if found.pixels is not None else self._pixels(path)
+            self._held.pop(ref.index, None)
+            verdicts = self.judge.add(ref.index, pixels, now)
+            if ref.index in self.judge.held:
+                self._held[ref.index] = ref
+                log.info("%s does not resemble its neighbour: judged when the other one arrives",
+                         path.name)  # fmt: skip
+            ready: list[Ready] = []
+            for index, verdict in verdicts:
+                this = ref if index == ref.index else self._held.pop(index, None)
+                if this is None:
+                    continue
+                if verdict.usable and this is ref and changed:
+                    ready.append((self.same_inputs_as_before(ref), OutputReason.INPUT_CHANGED))
+                elif verdict.usable:
+                    ready += _first(self.grouper.add(this, now))
+                else:
+                    ready += self.unusable(this, verdict)
+            return ready
         if changed:
             # New content under a name already denoised: a new output version, same neighbours.
             log.warning("%s changed on disk since it was denoised: denoising it again", path.name)
             return [(self.same_inputs_as_before(ref), OutputReason.INPUT_CHANGED)]
-        return [(item, None) for item in self.grouper.add(ref, now)]
+        return _first(self.grouper.add(ref, now))
+
+    def unusable(self, ref: SliceRef, verdict: Verdict) -> list[Ready]:
+        """Record a slice that must not serve as a neighbour; the units that write it (a copy, or
+        alone) and those its neighbours can now do without it."""
+        row = self.store.get_slice(self.dataset_id, str(ref.path))
+        label = verdict.label or ""
+        if row is not None:
+            self.store.set_slice_state(row.id, SliceState.UNUSABLE, reason=label)
+        self.state.unusable += 1
+        self.state.recent_unusable.append(f"{ref.name}: {label}")
+        log.warning("%s is %s: not used as a neighbour", ref.name, label)
+        self.on_event("unusable", {"name": ref.name, "index": ref.index, "reason": label})
+        mode = WorkMode.SINGLE if verdict.has_signal else WorkMode.COPY
+        return [*_first(self.grouper.add_unusable(ref)),
+                (Work(ref, (), mode, unusable=verdict.reason), None)]  # fmt: skip
+
+    def release(self, now: float | None) -> list[Ready]:
+        """Held slices that waited long enough (``None``: all of them) go to the grouper as
+        usable; returns the units that made ready."""
+        ready: list[Ready] = []
+        for index, verdict in self.judge.release(now):
+            ref = self._held.pop(index, None)
+            if ref is not None and verdict.usable:
+                ready += _first(self.grouper.add(ref, now or 0.0))
+        return ready
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`release` next releases a held slice, or None."""
+        return self.judge.next_deadline()
+
+    def _pixels(self, path: Path) -> np.ndarray:
+        image = self.profile.image
+        return read_unhashed(path, image.databar, image.databar_rows).image.pixels
 
     def failed_on_arrival(self, path: Path, why: str) -> None:
         """A file the watcher gave up on (stable but undecodable)."""
@@ -195,6 +276,19 @@ class Arrivals:
                 if isinstance(ref, SliceRef):
                     self.grouper.add_done(ref, mode)
                     mark_known(path)
+        if self.profile.grouping.mode != "adjacent":
+            return
+        for row in self.store.slices_in_state(self.dataset_id, [SliceState.UNUSABLE]):
+            path = Path(row.path)
+            if (
+                path.exists()
+                and row.unchanged(*_size_mtime(path))
+                and self.store.current_mode(row.id)
+            ):
+                ref = self.parse(path)
+                if isinstance(ref, SliceRef):
+                    self.grouper.add_unusable(ref)
+                    mark_known(path)
 
     def _identify(self, path: Path) -> Found:
         """Size, mtime, sha256, shape and dtype of a complete slice file.
@@ -210,7 +304,7 @@ class Arrivals:
         if self.cache is not None:
             loaded = self.cache.load(path)
             kind = (loaded.image.full_shape, loaded.image.dtype)
-            return Found(loaded.size, loaded.mtime, loaded.sha256 or "", kind)
+            return Found(loaded.size, loaded.mtime, loaded.sha256 or "", kind, loaded.image.pixels)
         try:
             st = path.stat()
         except OSError as exc:

@@ -81,12 +81,15 @@ class LiveState:
     seen: int = 0
     denoised: int = 0
     failed: int = 0
+    unusable: int = 0
+    """Slices judged unusable as neighbours (:mod:`nrrn_daemon.frames`) by this run."""
     current: str | None = None
     last_output: str | None = None
     last_latency_s: float | None = None
     retries: int = 0
     folder_error: str | None = None
     recent_failures: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+    recent_unusable: deque[str] = field(default_factory=lambda: deque(maxlen=5))
 
 
 class Daemon:
@@ -249,10 +252,13 @@ class Daemon:
                     last_beat = now
                 settled = not (busy or self._retry or self._arrived) and self.pipeline.idle
                 if burst and settled and self.watcher.idle:
+                    released = self.arrivals.release(None)  # held slices: usable after all
+                    for item, reason in released:
+                        self._submit(item, reason)
                     flushed = self.grouper.flush()  # the edges, with what they have
                     for item in flushed:
                         self._submit(item)
-                    if not flushed:
+                    if not flushed and not released:
                         self.request_stop("burst complete")
                 elif not busy:
                     self._wake.wait(IDLE_WAIT_S)
@@ -296,6 +302,9 @@ class Daemon:
                 continue
             for item, reason in ready:
                 self._submit(item, reason)
+        released = self.arrivals.release(now)  # held slices whose other neighbour never came
+        for item, reason in released:
+            self._submit(item, reason)
         works = self.grouper.tick(now)
         while self._retry and self._retry[0][0] <= now:
             works.append(self._retry.popleft()[1])
@@ -306,7 +315,7 @@ class Daemon:
         finished = self.pipeline.collect()
         for done in finished:
             self._finish(done)
-        busy = busy or bool(works or finished)
+        busy = busy or bool(works or finished or released)
         if not busy and self._stale and self._stop_reason is None and self.pipeline.idle:
             # Live slices first: one older output is re-made when nothing else is under way.
             self._redenoise(Path(self._stale.popleft()))
@@ -426,6 +435,7 @@ class Daemon:
                 "seen": s.seen,
                 "denoised": s.denoised,
                 "failed": s.failed,
+                "unusable": s.unusable,
                 "current": s.current,
                 "last_output": s.last_output,
                 "last_latency_s": s.last_latency_s,
@@ -439,6 +449,7 @@ class Daemon:
                 "model": self.model.label,
                 "next_finetune": self.finetuning.next_run(),
                 "recent_failures": list(s.recent_failures),
+                "recent_unusable": list(s.recent_unusable),
                 "live_volume": _volume_state(self.live_zarr),
             },
         )

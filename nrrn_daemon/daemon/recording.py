@@ -8,6 +8,7 @@ makes again and records then.
 from __future__ import annotations
 
 from nrrn_daemon.daemon.units import OutputRecord
+from nrrn_daemon.frames import unusable_label
 from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.states import InputRole, OutputReason, SliceState
 from nrrn_daemon.store.store import Store
@@ -50,6 +51,10 @@ def record_unit(
         model_s=record.model_s, write_s=record.write_s, reason=reason, run_id=run_id,
         quality=record.quality,
     )  # fmt: skip
+    if work.unusable is not None:  # written, but still no neighbour nor fine-tune target
+        store.set_slice_state(
+            centre_row.id, SliceState.UNUSABLE, reason=unusable_label(work.unusable)
+        )
     for ref, role in zip(refs, roles, strict=True):
         row = rows[ref.path]
         if role == InputRole.SCAN and row is not None and row.state == SliceState.READY:

@@ -34,7 +34,7 @@ from nrrn_daemon.files import safe_join
 from nrrn_daemon.imaging.tiff import SliceImage, write_slice_atomic
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.registry import ModelInfo
-from nrrn_daemon.triplets import Work
+from nrrn_daemon.triplets import Work, WorkMode
 
 log = logging.getLogger("nrrn_daemon")
 
@@ -67,14 +67,24 @@ class OutputRecord:
 
 def description(
     *, mode: str, centre: str, neighbours: list[str], model_label: str, model_sha256: str,
-    device: str, settings: dict[str, Any], via: str = "",
+    device: str, settings: dict[str, Any], via: str = "", unusable: str | None = None,
 ) -> str:  # fmt: skip
     """An output's ImageDescription: what was done, by what, from which files (no time stamps:
-    the same inputs and model give the same bytes)."""
+    the same inputs and model give the same bytes). ``unusable``: why the slice was not used as
+    a neighbour (mode ``copy``: nor denoised)."""
+    what = f"NRRN denoised slice (unsupervised, adjacent-slice Noise2Noise{via})"
+    if unusable is not None:
+        what = (
+            f"copy of the input, not denoised: unusable: {unusable}"
+            if mode == "copy"
+            else f"NRRN denoised alone, not used as a neighbour: unusable: {unusable}"
+        )
+    extra = {} if unusable is None else {"unusable": unusable}
     return json.dumps(
         {
+            **extra,
             "software": f"nrrn-daemon {__version__}",
-            "what": f"NRRN denoised slice (unsupervised, adjacent-slice Noise2Noise{via})",
+            "what": what,
             "mode": mode,
             "centre": centre,
             "neighbours": neighbours,
@@ -91,7 +101,7 @@ def describe(work: Work, model: ModelInfo, denoiser: Denoiser, settings: dict[st
     return description(
         mode=work.mode, centre=work.centre.name, neighbours=[n.name for n in work.neighbours],
         model_label=model.label, model_sha256=model.sha256, device=denoiser.device,
-        settings=settings,
+        settings=settings, unusable=work.unusable,
     )  # fmt: skip
 
 
@@ -172,9 +182,12 @@ def run_model(
         ``should_stop`` returned True during denoising (nothing written).
     """
     t0 = time.perf_counter()
-    pixels = denoiser.denoise(
-        inputs.centre.pixels, [n.pixels for n in inputs.neighbours], should_stop=should_stop
-    )
+    if inputs.work.mode == WorkMode.COPY:  # an unusable slice without signal: kept as it came
+        pixels = inputs.centre.pixels.copy()
+    else:
+        pixels = denoiser.denoise(
+            inputs.centre.pixels, [n.pixels for n in inputs.neighbours], should_stop=should_stop
+        )
     model_s = time.perf_counter() - t0
     settings = {  # after denoising: an out-of-memory retry may have shrunk the tiles
         "tile": denoiser.tile,

@@ -11,7 +11,7 @@ For each denoised slice, with no clean image to compare against:
 
 Both are taken on the centre :data:`CROP` × :data:`CROP` px of the slice (the whole slice when it is
 smaller): 262,144 px are plenty for a MAD noise estimate, a 24-Mpx slice costs the writer thread
-about 0.1 s instead of seconds (BENCHMARKS.md §11), and the measure follows the same pixels from
+about 0.1 s instead of seconds (BENCHMARKS.md §12), and the measure follows the same pixels from
 slice to slice.
 
 :func:`noise_jump` judges an input against the running level of its data set: a detector, beam or

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.finetune.validation import Triplet, validation_blocks
+from nrrn_daemon.frames import judge_stack
 from nrrn_daemon.model.checkpoints import Normalisation, slice_stats
 
 if TYPE_CHECKING:  # only for annotations: training imports this module
@@ -132,12 +133,17 @@ def prepare_sources(stacks: Sequence[StackLike], settings: TrainSettings) -> lis
         else:
             held = validation_blocks(units, settings.validation_fraction, 1 if spp > 1 else 3)
         held_set = set(held)
+        unusable: dict[int, str] = {}
+        if spp == 1 and settings.frames is not None:  # never a neighbour, nor a target
+            verdicts = judge_stack(range(n), lambda i, s=stack: np.asarray(s[i]), settings.frames)
+            unusable = {i: v.reason or "" for i, v in verdicts.items() if not v.usable}
         if spp > 1:
             groups = [tuple(range(g * spp, (g + 1) * spp)) for g in range(units)]
             train = [groups[g] for g in range(units) if g not in held_set]
             val = [(grp[0], grp[1], grp[2]) for g, grp in enumerate(groups) if g in held_set]
         else:
             triplets = [(j - 1, j, j + 1) for j in range(1, n - 1)]
+            triplets = [t for t in triplets if unusable.keys().isdisjoint(t)]
             train = [t for t in triplets if held_set.isdisjoint(t)]
             val = [t for t in triplets if held_set.issuperset(t)]
         if not train:
@@ -174,6 +180,7 @@ def prepare_sources(stacks: Sequence[StackLike], settings: TrainSettings) -> lis
             "validation_slices": _ranges(held),
             "train_triplets": len(train),
             "validation_triplets": len(val),
+            "unusable_slices": {str(i): why for i, why in sorted(unusable.items())},
         }
         sources.append(Source(label, pages, train, val, info))
     if len(dtypes) > 1:

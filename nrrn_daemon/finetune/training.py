@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nrrn_daemon.config.profiles import FrameSettings
 from nrrn_daemon.errors import NRRNError
 from nrrn_daemon.finetune.data import (
     NoiseHook,
@@ -129,6 +130,10 @@ class TrainSettings:
         ``"eq3"`` (the paper's), ``"plain"`` (eq. 3 without its last term) or ``"auto"``:
         ``plain`` for adjacent slices, ``eq3`` for repeat scans (see the module docstring).
         The validation loss uses the same one.
+    frames
+        Adjacent slices: the frame judgement (:mod:`nrrn_daemon.frames`); no triplet that holds
+        an unusable slice (blank, saturated, cut short, unrelated) trains or validates. None:
+        every slice is used.
     """
 
     steps: int | None = None
@@ -148,6 +153,7 @@ class TrainSettings:
     validation_patch: int = 128
     validation_crops: int = 2
     augment: bool = True
+    frames: FrameSettings | None = field(default_factory=FrameSettings)
     normalisation: NormMode = "dataset"
     precision: str = "auto"
     compile: str = "auto"
@@ -403,7 +409,10 @@ def train(
         "parent_sha256": init.content_sha256 if init is not None else None,
         "data": [src.info for src in sources],
         "noise": None if noise is None else getattr(noise, "description", repr(noise)),
-        "settings": asdict(settings),
+        "settings": {
+            **asdict(settings),
+            "frames": settings.frames.model_dump() if settings.frames else None,
+        },
         **asdict(report),
         "device_name": device.name,
         "torch": torch.__version__,

@@ -81,7 +81,8 @@ def status_report(
         ``run`` (the latest run: ``state`` alive/stale/ended, ``heartbeat_age_s``,
         ``end_reason``, ``live`` = its ``state_json``...; ``None`` before the first run),
         ``profile`` (name and settings of that run) and ``datasets``: one dict each with
-        ``slices`` (count per state), ``waiting`` (ready slices), ``failed`` (latest ones with
+        ``slices`` (count per state), ``waiting`` (ready slices), ``unusable`` (latest slices not
+        used as neighbours, with reasons), ``failed`` (latest ones with
         reasons), ``latency_s`` (ready → finished: ``median``, ``p90``, ``last``, ``count``),
         ``throughput_per_h`` (``last_hour``, ``overall``), ``model``, ``device`` and
         ``cpu_fallback`` (of the last output), ``next_finetune`` (from the run's live state),
@@ -149,6 +150,12 @@ def _dataset_status(
         .order_by(Slice.updated_at.desc())
         .limit(FAILED_LIST_LIMIT)
     )
+    unusable = session.execute(
+        select(Slice.path, Slice.name, Slice.index, Slice.reason, Slice.updated_at)
+        .where(Slice.dataset_id == ds.id, Slice.state == SliceState.UNUSABLE)
+        .order_by(Slice.updated_at.desc())
+        .limit(FAILED_LIST_LIMIT)
+    )
     last = session.scalar(
         select(Output)
         .where(Output.dataset_id == ds.id)
@@ -171,6 +178,10 @@ def _dataset_status(
         "failed": [
             {"path": p, "name": n, "index": i, "reason": r, "at": iso(t)}
             for p, n, i, r, t in failed
+        ],
+        "unusable": [
+            {"path": p, "name": n, "index": i, "reason": r, "at": iso(t)}
+            for p, n, i, r, t in unusable
         ],
         "outputs": session.scalar(
             select(func.count()).select_from(Output).where(Output.dataset_id == ds.id)

@@ -31,6 +31,7 @@ from nrrn_daemon.imaging.omezarr import OmeZarrVolume
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.sim.noise import noisy_stack
+from nrrn_daemon.states import SliceState
 from nrrn_daemon.store.store import Store
 
 pytestmark = pytest.mark.usefixtures("zarr_io_threads")
@@ -342,3 +343,29 @@ def test_a_missing_folder_is_one_clear_line(tmp_path):
     assert result.exit_code == 1
     assert "is not a folder, a TIFF stack or a data set" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_frames_are_no_neighbours_in_a_reprocess(tmp_path, fib25, cluster):
+    stack = noisy_stack(fib25[:12, :64, :64], "poisson:4", seed=5)
+    stack[4] = 0  # blank
+    stack[8, 32:] = 0  # cut short
+    paths = write_slices(tmp_path / "raw", stack)
+    ckpt = random_checkpoint(tmp_path / "tiny.pt")
+    db = tmp_path / "nrrn.sqlite"
+    with Store(db) as store:
+        plan = plan_reprocess(
+            str(tmp_path / "raw"), store, model=str(ckpt), output=tmp_path / "out", device="cpu"
+        )
+        by_name = {t.centre.name: t for t in plan.tasks}
+        assert [n.name for n in by_name["slice_004.tif"].neighbours] == ["slice_003.tif"]
+        assert [n.name for n in by_name["slice_006.tif"].neighbours] == ["slice_007.tif"]
+        assert by_name["slice_005.tif"].mode == "copy" and not by_name["slice_005.tif"].neighbours
+        assert by_name["slice_005.tif"].unusable.startswith("blank frame")
+        assert by_name["slice_009.tif"].mode == "single" and not by_name["slice_009.tif"].neighbours
+        summary = run_plan(plan, store, connect_to(cluster))
+        assert summary.recorded == 12 and not summary.failed
+        rows = {r.name: r for r in store.slices_in_state(plan.dataset_id, list(SliceState))}
+    assert rows["slice_005.tif"].state == SliceState.UNUSABLE
+    assert rows["slice_009.tif"].reason.startswith("unusable: frame cut short")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "slice_005.tif"), stack[4])
+    assert len(paths) == 12

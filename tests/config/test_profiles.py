@@ -301,7 +301,7 @@ def test_field_docs_cover_every_field() -> None:
         docs
     )
     assert all(text for text in docs.values()), [k for k, v in docs.items() if not v]
-    assert len(docs) == 43  # 38 + [dashboard] and its host, port, token, preview_px
+    assert len(docs) == 53  # 38 + [frames] and its 9 fields + [dashboard] and its 4
 
 
 def test_profiles_are_frozen(tmp_path: Path) -> None:

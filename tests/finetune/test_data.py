@@ -59,3 +59,22 @@ def test_noise_hook_sees_whole_triplets_and_augmentation_is_shared() -> None:
         # Same transform on all three: identical slices stay identical after augmentation.
         assert np.array_equal(sample[0], sample[1]) and np.array_equal(sample[1], sample[2])
     assert calls == [(3, 32, 32)] * 6  # one call per triplet; small slices: the whole slice
+
+
+def test_no_triplet_holds_an_unusable_slice(fib25) -> None:
+    from nrrn_daemon.sim.noise import noisy_stack
+
+    clean = fib25[:30, :64, :64].copy()
+    clean[20] = fib25[150, 150:214, 150:214]  # unrelated content
+    stack = noisy_stack(clean, "gaussian:25", seed=0)
+    stack[5] = 0  # blank
+    stack[12, 32:] = 0  # cut short
+    (src,) = prepare_sources([stack], TrainSettings(steps=1, validation_slices=(26, 27, 28)))
+    assert sorted(src.info["unusable_slices"]) == ["12", "20", "5"]
+    used = {i for t in (*src.train, *src.val) for i in t}
+    assert used and used.isdisjoint({5, 12, 20})
+    assert (3, 4, 5) not in src.train and (2, 3, 4) in src.train
+    (everything,) = prepare_sources(
+        [stack], TrainSettings(steps=1, validation_slices=(26, 27, 28), frames=None)
+    )
+    assert (4, 5, 6) in everything.train and everything.info["unusable_slices"] == {}

@@ -240,7 +240,7 @@ def test_status_counts_latency_throughput_and_heartbeat(
         assert status["run"]["state"] == "alive"
         assert status["run"]["live"]["queue"] == 2
         assert status["profile"] == {"name": "default", "settings": {"name": "default"}}
-        assert d["slices"] == {"seen": 0, "ready": 1, "denoised": 10, "failed": 1}
+        assert d["slices"] == {"seen": 0, "ready": 1, "denoised": 10, "failed": 1, "unusable": 0}
         assert d["waiting"] == 1
         assert d["failed"][0]["reason"] == "cannot read TIFF header: truncated"
         assert d["latency_s"] == {"median": 5.0, "p90": 9.0, "last": 10.0, "count": 10}
