@@ -301,7 +301,8 @@ def test_field_docs_cover_every_field() -> None:
         docs
     )
     assert all(text for text in docs.values()), [k for k, v in docs.items() if not v]
-    assert len(docs) == 55  # 38 + [frames] (10) + [dashboard] (5) + watch.answer_timeout_s, follow_links
+    # 38 + [frames] (10) + [dashboard] (5) + watch.answer_timeout_s and watch.follow_links
+    assert len(docs) == 55
 
 
 def test_profiles_are_frozen(tmp_path: Path) -> None:
