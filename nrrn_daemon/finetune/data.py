@@ -137,17 +137,12 @@ def prepare_sources(stacks: Sequence[StackLike], settings: TrainSettings) -> lis
         else:
             held = validation_blocks(units, settings.validation_fraction, 1 if spp > 1 else 3)
         held_set = set(held)
-        unusable: dict[int, str] = {}
-        if spp == 1 and settings.frames is not None:  # never a neighbour, nor a target
-            verdicts = judge_stack(range(n), lambda i, s=stack: np.asarray(s[i]), settings.frames)
-            unusable = {i: v.reason or "" for i, v in verdicts.items() if not v.usable}
         if spp > 1:
             groups = [tuple(range(g * spp, (g + 1) * spp)) for g in range(units)]
             train = [groups[g] for g in range(units) if g not in held_set]
             val = [(grp[0], grp[1], grp[2]) for g, grp in enumerate(groups) if g in held_set]
         else:
             triplets = [(j - 1, j, j + 1) for j in range(1, n - 1)]
-            triplets = [t for t in triplets if unusable.keys().isdisjoint(t)]
             train = [t for t in triplets if held_set.isdisjoint(t)]
             val = [t for t in triplets if held_set.issuperset(t)]
         if not train:
@@ -172,6 +167,20 @@ def prepare_sources(stacks: Sequence[StackLike], settings: TrainSettings) -> lis
         if dtype not in (np.uint8, np.uint16):
             raise InputError(f"{label} has dtype {dtype}; training takes uint8 or uint16 slices")
         dtypes.add(str(dtype))
+        unusable: dict[int, str] = {}
+        if spp == 1 and settings.frames is not None:  # never a neighbour, nor a target
+            verdicts = judge_stack(pages, pages.__getitem__, settings.frames)
+            unusable = {i: v.reason or "" for i, v in verdicts.items() if not v.usable}
+            train = [t for t in train if unusable.keys().isdisjoint(t)]
+            val = [t for t in val if unusable.keys().isdisjoint(t)]
+            if not train:
+                raise InputError(
+                    f"{label}: every training triplet holds an unusable slice "
+                    f"({', '.join(_ranges(unusable))}: blank, saturated, cut short or unrelated) "
+                    "— train on other slices, or pass frames=None to use them all"
+                )
+            for i in unusable:  # in no triplet left: not kept in memory
+                pages.pop(i, None)
         used = sorted({i // spp for t in train for i in t})
         info = {
             "source": label,
