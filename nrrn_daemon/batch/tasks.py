@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 from distributed import WorkerPlugin, get_worker
 
-from nrrn_daemon.daemon.units import description
 from nrrn_daemon.errors import CheckpointError, NRRNError
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
+from nrrn_daemon.imaging.provenance import description
 from nrrn_daemon.imaging.tiff import (
     SliceImage,
     decode_page,

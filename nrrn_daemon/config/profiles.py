@@ -149,9 +149,11 @@ class ImageSettings(BaseModel):
 
     model_config = _STRICT
 
-    databar: Literal["none", "fei", "rows"] = "none"
-    """The information strip below the image, cropped before denoising: "none"; "fei" (height
-    from the FEI metadata, keeping [Image] ResolutionY rows); "rows" (`databar_rows` rows)."""
+    databar: Literal["auto", "none", "fei", "rows"] = "auto"
+    """The information strip below the image, cropped before denoising and copied through
+    unchanged: "auto" (where the file's metadata says the image ends: FEI [Image] ResolutionY
+    smaller than the image; else every row is image); "none" (every row is image); "fei"
+    (require the FEI metadata, keep [Image] ResolutionY rows); "rows" (`databar_rows` rows)."""
 
     databar_rows: int = Field(default=0, ge=0, le=65535)
     """For `databar` = "rows": the fixed height in pixels of the strip at the bottom."""

@@ -15,7 +15,6 @@ It never writes anywhere but the output folder.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from nrrn_daemon import __version__
 from nrrn_daemon.daemon.slicecache import LoadedSlice
 from nrrn_daemon.errors import InputError
+from nrrn_daemon.imaging.provenance import description
 from nrrn_daemon.imaging.tiff import SliceImage, safe_join, write_slice_atomic
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.triplets import Work
@@ -66,29 +65,8 @@ class OutputRecord:
     """The model that made it (the daemon may have switched models since)."""
 
 
-def description(
-    *, mode: str, centre: str, neighbours: list[str], model_label: str, model_sha256: str,
-    device: str, settings: dict[str, Any], via: str = "",
-) -> str:  # fmt: skip
-    """An output's ImageDescription: what was done, by what, from which files (no time stamps:
-    the same inputs and model give the same bytes)."""
-    return json.dumps(
-        {
-            "software": f"nrrn-daemon {__version__}",
-            "what": f"NRRN denoised slice (unsupervised, adjacent-slice Noise2Noise{via})",
-            "mode": mode,
-            "centre": centre,
-            "neighbours": neighbours,
-            "model": {"label": model_label, "sha256": model_sha256},
-            "device": device,
-            "settings": settings,
-        },
-        sort_keys=True,
-    )
-
-
 def describe(work: Work, model: ModelInfo, denoiser: Denoiser, settings: dict[str, Any]) -> str:
-    """The ImageDescription of a daemon output (see :func:`description`)."""
+    """The ImageDescription of a daemon output (see :func:`~nrrn_daemon.imaging.provenance`)."""
     return description(
         mode=work.mode, centre=work.centre.name, neighbours=[n.name for n in work.neighbours],
         model_label=model.label, model_sha256=model.sha256, device=denoiser.device,
