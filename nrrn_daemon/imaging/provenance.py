@@ -7,6 +7,7 @@ form (a line a viewer shows, then one JSON line, then the input's own descriptio
 
     NRRN denoised slice (unsupervised, adjacent-slice Noise2Noise) - nrrn-daemon 0.1.0
     nrrn-provenance: {"centre": "slice_0007.tif", "model": {...}, ...}
+    input Software: <the input's Software tag, when it had one>
 
     --- original ImageDescription ---
     <the input's ImageDescription, unchanged>
@@ -30,10 +31,13 @@ SOFTWARE = f"nrrn-daemon {__version__}"
 """The Software tag (305) of every TIFF the project writes."""
 PROVENANCE_PREFIX = "nrrn-provenance: "
 """Starts the JSON line of a description written here."""
+INPUT_SOFTWARE_PREFIX = "input Software: "
+"""Starts the line that keeps the input's Software tag."""
 ORIGINAL_DESCRIPTION_MARKER = "\n\n--- original ImageDescription ---\n"
 """Separates our description from the input's original one, kept after it."""
 
 __all__ = [
+    "INPUT_SOFTWARE_PREFIX",
     "ORIGINAL_DESCRIPTION_MARKER",
     "PROVENANCE_PREFIX",
     "SOFTWARE",
@@ -70,9 +74,12 @@ def description(
     )
 
 
-def compose(ours: str, original: str | None) -> bytes:
-    """The bytes of the ImageDescription tag: ours, then the input's original (bytes kept)."""
+def compose(ours: str, original: str | None, software: str | None = None) -> bytes:
+    """The bytes of the ImageDescription tag: ours, the input's Software tag (replaced by
+    :data:`SOFTWARE`) on an ``input Software:`` line, then the input's original description."""
     text = ours.encode("ascii")
+    if software:
+        text += f"\n{INPUT_SOFTWARE_PREFIX}{software}".encode("ascii", "backslashreplace")
     if original:
         text += (ORIGINAL_DESCRIPTION_MARKER + original).encode("utf-8", "surrogateescape")
     return text

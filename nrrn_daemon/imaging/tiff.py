@@ -85,6 +85,9 @@ class SliceImage:
         Parsed FEI metadata (``{"Image": {"ResolutionY": ...}, ...}``) when present.
     description : str or None
         The original ImageDescription.
+    software : str or None
+        The original Software tag (the output's names nrrn-daemon; this one goes into the
+        description).
     byteorder : str
         ``"<"`` or ``">"``: the output keeps the input's byte order.
     photometric : int
@@ -105,6 +108,7 @@ class SliceImage:
     description: str | None
     byteorder: str = "<"
     photometric: int = 1
+    software: str | None = None
     colormap: np.ndarray | None = None
     ifds: list[RawIfd] = field(default_factory=list)
 
@@ -288,6 +292,7 @@ def slice_from_tiff(
     tags = kept_tags(tif, page)
     fei = fei_metadata(page)
     description = text_of(raw_tag(tif, page, 270)) if 270 in page.tags else None
+    software = text_of(raw_tag(tif, page, 305)) if 305 in page.tags else None
     height = _image_height(path, full.shape, databar, databar_rows, fei)
     return SliceImage(
         pixels=full[:height],
@@ -297,6 +302,7 @@ def slice_from_tiff(
         tags=tags,
         fei=fei,
         description=description,
+        software=software,
         byteorder=tif.byteorder,
         photometric=int(page.photometric),
         colormap=np.array(page.colormap, np.uint16) if int(page.photometric) == 3 else None,
@@ -360,7 +366,7 @@ def write_slice_atomic(
         full = np.empty(image.full_shape, dtype=image.dtype)
         full[: denoised.shape[0]] = denoised
         full[denoised.shape[0] :] = image.databar
-    text = compose(description, image.description)
+    text = compose(description, image.description, image.software)
     extratags, resolution, unit = split_resolution(image.tags)
     codes = placeholder_codes(image.ifds, {t[0] for t in extratags})
     extratags += placeholders(codes)
