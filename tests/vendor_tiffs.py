@@ -231,3 +231,27 @@ def check_output(source: Path, output: Path, *, databar_rows: int) -> None:
     description = str(got[-270])
     assert not description.startswith("{") and read_provenance(description) is not None
     assert split_description(description)[1] == (want[-270] or None)
+
+
+# --- files that cannot be denoised as grey levels -------------------------------------------
+
+
+def _colour_palette(path: Path) -> None:
+    cmap = np.stack([np.arange(256, dtype=np.uint16) * 257] * 3)
+    cmap[0] = cmap[0][::-1]  # red falls while green and blue rise: a colour palette
+    tifffile.imwrite(path, np.zeros((40, 48), np.uint8), photometric="palette", colormap=cmap)
+
+
+def _rgb(path: Path) -> None:
+    tifffile.imwrite(path, np.zeros((40, 48, 3), np.uint8), photometric="rgb")
+
+
+def _float(path: Path) -> None:
+    tifffile.imwrite(path, np.zeros((40, 48), np.float32))
+
+
+BAD: dict[str, tuple[Callable[[Path], None], str]] = {
+    "colour palette": (_colour_palette, "colour palette, not a grey ramp"),
+    "rgb": (_rgb, "3 samples per pixel (RGB?)"),
+    "float": (_float, "pixel type float32 is not supported"),
+}

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 from test_daemon import Running, make_profile
-from vendor_tiffs import BAR, LAYOUTS, check_output
+from vendor_tiffs import BAD, BAR, LAYOUTS, check_output
 
 from nrrn_daemon.daemon.loop import Daemon
 from nrrn_daemon.sim.microscope import Microscope
@@ -73,27 +72,6 @@ def test_live_acquisition_of_vendor_files(tmp_path, tiny_checkpoint, layout):
         check_output(
             tmp_path / "raw" / NAME.format(k), Path(path), databar_rows=BAR if vendor.databar else 0
         )
-
-
-def _colour_palette(path: Path) -> None:
-    cmap = np.stack([np.arange(256, dtype=np.uint16) * 257] * 3)
-    cmap[0] = cmap[0][::-1]  # red falls while green and blue rise: a colour palette
-    tifffile.imwrite(path, np.zeros((40, 48), np.uint8), photometric="palette", colormap=cmap)
-
-
-def _rgb(path: Path) -> None:
-    tifffile.imwrite(path, np.zeros((40, 48, 3), np.uint8), photometric="rgb")
-
-
-def _float(path: Path) -> None:
-    tifffile.imwrite(path, np.zeros((40, 48), np.float32))
-
-
-BAD = {
-    "colour palette": (_colour_palette, "colour palette, not a grey ramp"),
-    "rgb": (_rgb, "3 samples per pixel (RGB?)"),
-    "float": (_float, "pixel type float32 is not supported"),
-}
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
