@@ -164,7 +164,9 @@ def _live_table(daemon: Daemon | Channels, total: int | None) -> Group:
 
 
 @contextlib.contextmanager
-def live_view(daemon: Daemon | Channels, console: Console, total: int | None = None) -> Iterator[None]:
+def live_view(
+    daemon: Daemon | Channels, console: Console, total: int | None = None
+) -> Iterator[None]:
     """Refresh a live panel from the daemon's counters while the block runs (terminal only)."""
     stop = threading.Event()
     with Live(_live_table(daemon, total), console=console, refresh_per_second=4) as live:

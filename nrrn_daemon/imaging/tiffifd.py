@@ -6,7 +6,8 @@ stored: :func:`read_pointer_ifd` reads one (and the IFDs it points to) from the 
 :func:`append_ifds` appends them to a classic TIFF that tifffile has just rendered, in that file's
 byte order (the input's: values are copied as bytes, so byte order must not change), and points
 the main IFD at them. tifffile refuses to write the pointer tags themselves, so the main IFD gets
-a placeholder under a free private code (:func:`placeholder_codes`), renamed and re-sorted here. Pure byte work on a buffer; no file is opened here.
+a placeholder under a free private code (:func:`placeholder_codes`), renamed and re-sorted here.
+Pure byte work on a buffer; no file is opened here.
 """
 
 from __future__ import annotations
@@ -147,7 +148,9 @@ def _write(out: bytearray, ifd: RawIfd, byteorder: str) -> int:
     table += b"\x00" * 4  # no next IFD
     out += table + values
     for child in ifd.children:
-        struct.pack_into(byteorder + "I", out, pointer_slots[child.code], _write(out, child, byteorder))
+        struct.pack_into(
+            byteorder + "I", out, pointer_slots[child.code], _write(out, child, byteorder)
+        )
     return start
 
 

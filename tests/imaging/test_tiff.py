@@ -295,7 +295,8 @@ def test_zeiss_and_standard_tags_are_kept(tmp_path: Path) -> None:
         # Software names us; the input's is kept in the description, as is its description
         assert page.software == f"nrrn-daemon {__version__}"
         assert split_description(page.description) == (
-            'NRRN test\ninput Software: SmartSEM 6.0', "acquired by SmartSEM"
+            "NRRN test\ninput Software: SmartSEM 6.0",
+            "acquired by SmartSEM",
         )
 
 

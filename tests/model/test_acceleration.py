@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from nrrn_daemon.imaging.provenance import read_provenance
 from nrrn_daemon.cli.app import app
 from nrrn_daemon.config.loading import load_profile
 from nrrn_daemon.daemon.loop import Daemon
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.finetune.training import TrainSettings, train
+from nrrn_daemon.imaging.provenance import read_provenance
 from nrrn_daemon.model import acceleration
 from nrrn_daemon.model.checkpoints import (
     BASE_CHECKPOINT,
