@@ -2,9 +2,9 @@
 checks every output of such a slice must pass (importable: ``tests`` is on pythonpath).
 
 Layouts (:data:`LAYOUTS`): Thermo Fisher INI metadata in 34682 with a databar; XML in 34680;
-Helios G4's 34680 + 34682 + 34683; an EXIF IFD (34665, a sub-IFD the test builds by hand, since
-neither tifffile nor PIL writes one into a TIFF); ZEISS SmartSEM's 34118 on an 8-bit grey-ramp
-palette image (photometric 3); 16-bit with a databar; a databar under ResolutionY while
+Helios G4's 34680 + 34682 + 34683; EXIF and GPS IFDs (34665, 34853: sub-IFDs built here by
+hand, since neither tifffile nor PIL writes them into a TIFF); ZEISS SmartSEM's 34118 on an 8-bit
+grey-ramp palette image (photometric 3); 16-bit with a databar; a databar under ResolutionY while
 DatabarHeight says 0; and plain stacks as tifffile (Software 'tifffile.py', shaped JSON
 description) and PIL write them.
 """
@@ -75,33 +75,41 @@ def _with_databar(image: np.ndarray) -> np.ndarray:
     return np.concatenate([image, bar])
 
 
-def _exif_ifd(data: bytes) -> bytes:
-    """Append a small EXIF IFD to a little-endian classic TIFF whose first IFD has a 65000
-    placeholder (tifffile writes no 34665), and make it the 34665 pointer to the new IFD (by
-    hand: no library here writes one). 65000 sorts last, as 34665 does among these tags."""
+def _exif_and_gps(data: bytes) -> bytes:
+    """Append a small EXIF IFD and a GPS IFD to a little-endian classic TIFF whose first IFD ends
+    with placeholders 65000 and 65001 (tifffile writes no 34665/34853), and make them the 34665
+    and 34853 pointers to the new IFDs (by hand: no library here writes them). The placeholders
+    sort last, as 34665 and 34853 do among this layout's tags."""
     out = bytearray(data)
-    if len(out) % 2:
-        out += b"\x00"
-    start = len(out)
+
+    def append(entries: list[tuple[int, int, int, bytes]]) -> int:
+        if len(out) % 2:
+            out.extend(b"\x00")
+        start = len(out)
+        values_at = start + 2 + 12 * len(entries) + 4
+        table, values = struct.pack("<H", len(entries)), b""
+        for code, dtype, count, value in entries:
+            if len(value) <= 4:
+                table += struct.pack("<HHI", code, dtype, count) + value.ljust(4, b"\x00")
+            else:
+                table += struct.pack("<HHII", code, dtype, count, values_at + len(values))
+                values += value
+        out.extend(table + struct.pack("<I", 0) + values)
+        return start
+
     date = b"2024:01:02 03:04:05\x00"
-    entries = [(0x9003, 2, len(date)), (0x920A, 5, 1), (0xA002, 4, 1), (0xA003, 4, 1)]
-    values_at = start + 2 + 12 * len(entries) + 4
-    table = struct.pack("<H", len(entries))
-    table += struct.pack("<HHII", 0x9003, 2, len(date), values_at)
-    table += struct.pack("<HHII", 0x920A, 5, 1, values_at + len(date))
-    table += struct.pack("<HHII", 0xA002, 4, 1, WIDTH)
-    table += struct.pack("<HHII", 0xA003, 4, 1, HEIGHT)
-    table += struct.pack("<I", 0)
-    out += table + date + struct.pack("<II", 1234, 100)
+    exif = append([
+        (0x9003, 2, len(date), date), (0x920A, 5, 1, struct.pack("<II", 1234, 100)),
+        (0xA002, 4, 1, struct.pack("<I", WIDTH)), (0xA003, 4, 1, struct.pack("<I", HEIGHT)),
+    ])  # fmt: skip
+    gps = append([(0, 1, 4, bytes([2, 3, 0, 0])), (1, 2, 2, b"N\x00")])
     first = struct.unpack_from("<I", out, 4)[0]
     (count,) = struct.unpack_from("<H", out, first)
-    for i in range(count):
-        at = first + 2 + 12 * i
-        if struct.unpack_from("<H", out, at)[0] == 65000:
-            assert i == count - 1
-            struct.pack_into("<HHII", out, at, 34665, 4, 1, start)
-            return bytes(out)
-    raise AssertionError("no EXIF placeholder")
+    codes = [struct.unpack_from("<H", out, first + 2 + 12 * i)[0] for i in range(count)]
+    assert codes[-2:] == [65000, 65001], codes
+    struct.pack_into("<HHII", out, first + 2 + 12 * (count - 2), 34665, 4, 1, exif)
+    struct.pack_into("<HHII", out, first + 2 + 12 * (count - 1), 34853, 4, 1, gps)
+    return bytes(out)
 
 
 @dataclass(frozen=True)
@@ -157,8 +165,9 @@ LAYOUTS: dict[str, Layout] = {
                 (34683, 7, len(TITAN), TITAN, True),
             ],
         )),
-        Layout("exif-ifd", np.uint8, False, lambda a: _exif_ifd(_tiff(
-            a, metadata=None, byteorder="<", extratags=[(65000, 4, 1, 0, True)],
+        Layout("exif-gps-ifd", np.uint8, False, lambda a: _exif_and_gps(_tiff(
+            a, metadata=None, byteorder="<",
+            extratags=[(65000, 4, 1, 0, True), (65001, 4, 1, 0, True)],
             software="Teneo", resolution=(100, 100),
         ))),
         Layout("zeiss-palette-34118", np.uint8, False, lambda a: _tiff(

@@ -297,11 +297,12 @@ def test_list_profiles(tmp_path: Path) -> None:
 
 def test_field_docs_cover_every_field() -> None:
     docs = dict(profile_field_docs())
-    assert {"name", "watch.folder", "watch.index_regex", "output.naming", "finetune.cron"} <= set(
-        docs
-    )
+    assert {
+        "name", "watch.folder", "watch.index_regex", "watch.channels", "output.naming",
+        "finetune.cron",
+    } <= set(docs)  # fmt: skip
     assert all(text for text in docs.values()), [k for k, v in docs.items() if not v]
-    assert len(docs) == 38
+    assert len(docs) == 39
 
 
 def test_profiles_are_frozen(tmp_path: Path) -> None:

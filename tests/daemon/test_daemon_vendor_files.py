@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from test_daemon import Running, make_profile
 from vendor_tiffs import BAD, BAR, LAYOUTS, check_output
 
 from nrrn_daemon.daemon.loop import Daemon
+from nrrn_daemon.imaging.omezarr import OmeZarrVolume
 from nrrn_daemon.sim.microscope import Microscope
 from nrrn_daemon.store.store import Store
 
@@ -48,7 +50,7 @@ def test_burst_keeps_every_tag_and_the_databar(tmp_path, tiny_checkpoint, layout
         check_output(tmp_path / "raw" / name, Path(path), databar_rows=BAR if vendor.databar else 0)
 
 
-@pytest.mark.parametrize("layout", ["zeiss-palette-34118", "helios-g4-34683", "exif-ifd"])
+@pytest.mark.parametrize("layout", ["zeiss-palette-34118", "helios-g4-34683", "exif-gps-ifd"])
 def test_live_acquisition_of_vendor_files(tmp_path, tiny_checkpoint, layout):
     vendor = LAYOUTS[layout]
     profile = make_profile(
@@ -92,3 +94,19 @@ def test_bad_files_fail_with_one_line_and_no_output(tmp_path, tiny_checkpoint, k
     assert not (tmp_path / "out" / NAME.format(1)).exists()
     # the good slices around it are still denoised
     assert {NAME.format(0), NAME.format(2)} <= set(_outputs(profile.store.database))
+
+
+def test_the_live_volume_of_palette_slices_holds_their_grey_values(tmp_path, tiny_checkpoint):
+    profile = make_profile(
+        tmp_path, tiny_checkpoint, **{"image.databar": "auto", "output.zarr": "live.zarr"}
+    )
+    for k in range(3):
+        LAYOUTS["zeiss-palette-34118"].write(tmp_path / "raw" / NAME.format(k), seed=k)
+    with Store(profile.store.database) as store:
+        assert Daemon(profile, store).work(burst=True) == "burst complete"
+    volume = OmeZarrVolume.open(tmp_path / "out" / "live.zarr").read(0)
+    for k in range(3):
+        out = tmp_path / "out" / NAME.format(k)
+        check_output(tmp_path / "raw" / NAME.format(k), out, databar_rows=0)
+        # a grey ramp: the palette indices are the grey levels the volume shows
+        np.testing.assert_array_equal(volume[k], tifffile.imread(out))
