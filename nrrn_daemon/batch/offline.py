@@ -1,7 +1,9 @@
 """Offline denoising of whole stacks (``nrrn-daemon denoise``).
 
 A multi-page TIFF in gives ``OUTPUT/<stem>.tif`` with the same shape and dtype; a folder or list
-of slice files gives one file per slice in ``OUTPUT`` with the same name and metadata. Interior
+of slice files, or one single-page slice file, gives one file per slice in ``OUTPUT`` with the same
+name and metadata (a lone slice is denoised on its own, single mode). The databar of slice files
+is cropped where their metadata says the image ends (``databar="auto"``, the default). Interior
 slices use their triplet, the stack's edges the pair mode (``inputs=3``); ``inputs=2`` always
 uses one neighbour (the previous, the next for the first slice), ``inputs=1`` none.
 
@@ -13,17 +15,16 @@ input (no signal) or denoised alone, with a description that says why.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from nrrn_daemon import __version__
 from nrrn_daemon.config.profiles import FrameSettings
 from nrrn_daemon.errors import InputError, OutputError
 from nrrn_daemon.files import safe_join
 from nrrn_daemon.frames import Verdict, judge_stack
+from nrrn_daemon.imaging.provenance import provenance_text
 from nrrn_daemon.imaging.stacks import Stack, read_stack
 from nrrn_daemon.imaging.tiff import read_slice, write_slice_atomic, write_stack
 from nrrn_daemon.model.denoise import Denoiser
@@ -39,7 +40,7 @@ def denoise_stack(
     denoiser: Denoiser,
     *,
     inputs_per_estimate: int = 3,
-    databar: str = "none",
+    databar: str = "auto",
     databar_rows: int = 0,
     on_slice: Callable[[int, int, str], None] | None = None,
     frames: FrameSettings | None = DEFAULT_FRAMES,
@@ -65,11 +66,13 @@ def denoise_stack(
         ``output`` is an input folder, or cannot be written.
     """
     stack = read_stack(list(inputs))
-    if databar != "none" and stack.source_kind != "files":
+    if databar not in ("none", "auto") and stack.source_kind != "files":
         raise InputError(
             f"--databar applies to per-slice files; {stack.paths[0]} is a multi-page stack — "
             "omit --databar or give the slice files"
         )
+    if stack.source_kind != "files":
+        databar = "none"  # the pages of a stack have no databar
     output = Path(output)
     _refuse_input_folder(stack, output)
     output.mkdir(parents=True, exist_ok=True)
@@ -128,7 +131,8 @@ def denoise_stack(
         write_stack(
             path,
             np.stack(results),
-            _describe(
+            colormap=stack.colormap,
+            description=_describe(
                 denoiser,
                 ["triplets" if inputs_per_estimate == 3 else f"{inputs_per_estimate} inputs"],
                 pages={i: v.reason or "" for i, v in bad.items()},
@@ -172,18 +176,16 @@ def _describe(
         extra["unusable"] = unusable.reason
     if pages:  # a stack: which pages were not used as neighbours, and why
         extra["unusable_pages"] = {str(i): why for i, why in sorted(pages.items())}
-    return json.dumps(
+    return provenance_text(
+        what,
         {
             **extra,
-            "software": f"nrrn-daemon {__version__}",
-            "what": what,
             "model_sha256": denoiser.checkpoint.content_sha256,
             "neighbours": neighbours,
             "device": denoiser.device,
             "precision": denoiser.precision,
             "tile": denoiser.tile,
         },
-        sort_keys=True,
     )
 
 

@@ -110,10 +110,12 @@ def plan_reprocess(
         except NRRNError:
             log.warning("profile %r not found: naming outputs like the inputs; pass --profile",
                         known["profile_name"])  # fmt: skip
-    databar = profile.image.databar if profile else "none"
+    # without a profile, vendor files whose metadata says where the image ends are cropped there
+    databar = profile.image.databar if profile else "auto"
     databar_rows = profile.image.databar_rows if profile else 0
     if source.is_file() and databar != "none":
-        log.warning("%s is a multi-page stack: its pages have no databar to crop", source)
+        if databar != "auto":
+            log.warning("%s is a multi-page stack: its pages have no databar to crop", source)
         databar, databar_rows = "none", 0
     failed = set()
     if known_id is not None:

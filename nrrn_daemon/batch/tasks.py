@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from distributed import WorkerPlugin, get_worker
 
-from nrrn_daemon.daemon.units import description
 from nrrn_daemon.errors import CheckpointError, NRRNError
 from nrrn_daemon.files import sha256_file
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
+from nrrn_daemon.imaging.provenance import description
 from nrrn_daemon.imaging.tiff import SliceImage, decode_page, open_tiff, read_slice
 from nrrn_daemon.imaging.tiff import write_slice_atomic as write_tiff
 from nrrn_daemon.model.checkpoints import load_checkpoint

@@ -44,6 +44,7 @@ def edge(func: F) -> F:
 
 
 class DatabarChoice(StrEnum):
+    auto = "auto"
     none = "none"
     fei = "fei"
     rows = "rows"

@@ -42,7 +42,7 @@ def start(
 ) -> None:
     """Run the daemon in the foreground: watch, denoise, record (Ctrl-C / SIGTERM stops it)."""
     from nrrn_daemon.config.loading import load_profile
-    from nrrn_daemon.daemon.loop import Daemon
+    from nrrn_daemon.daemon.channels import make_daemon
     from nrrn_daemon.store.store import Store
 
     overrides: dict[str, Any] = {}
@@ -55,7 +55,7 @@ def start(
     prof = load_profile(profile, overrides=overrides)
     configure_logging(verbose)
     with Store(Path(prof.store.database).expanduser()) as store:
-        daemon = Daemon(prof, store)
+        daemon = make_daemon(prof, store)
         daemon.install_signal_handlers()
         if console.is_terminal and not burst:
             from nrrn_daemon.cli.views import live_view

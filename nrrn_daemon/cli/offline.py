@@ -158,8 +158,13 @@ def denoise(
     ] = None,
     device: Annotated[DeviceChoice, typer.Option(help="auto prefers CUDA.")] = DeviceChoice.auto,
     databar: Annotated[
-        DatabarChoice, typer.Option(help="Info strip below slice files: kept out of the model.")
-    ] = DatabarChoice.none,
+        DatabarChoice,
+        typer.Option(
+            help="Info strip below slice files, kept out of the model and copied through. auto:"
+            " where the file's metadata says the image ends (FEI ResolutionY); none: denoise"
+            " every row."
+        ),
+    ] = DatabarChoice.auto,
     databar_rows: Annotated[int, typer.Option(min=0, help="With --databar rows: its height.")] = 0,
     precision: Annotated[PrecisionChoice, typer.Option(help=PRECISION_HELP)] = PrecisionChoice.auto,
     compile: Annotated[CompileChoice, typer.Option(help=COMPILE_HELP)] = CompileChoice.auto,

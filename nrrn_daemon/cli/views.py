@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from nrrn_daemon.daemon.channels import Channels
     from nrrn_daemon.daemon.loop import Daemon
 
 STATE_STYLE = {"alive": "green", "stale": "red", "ended": "yellow"}
@@ -178,7 +179,7 @@ def render_provenance(report: dict[str, Any], console: Console) -> None:
         console.print(Panel(t, title=f"version {out['version']} · {current}"))
 
 
-def _live_table(daemon: Daemon, total: int | None) -> Group:
+def _live_table(daemon: Daemon | Channels, total: int | None) -> Group:
     s = daemon.state
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
@@ -207,7 +208,9 @@ def _live_table(daemon: Daemon, total: int | None) -> Group:
 
 
 @contextlib.contextmanager
-def live_view(daemon: Daemon, console: Console, total: int | None = None) -> Iterator[None]:
+def live_view(
+    daemon: Daemon | Channels, console: Console, total: int | None = None
+) -> Iterator[None]:
     """Refresh a live panel from the daemon's counters while the block runs (terminal only)."""
     stop = threading.Event()
     with Live(_live_table(daemon, total), console=console, refresh_per_second=4) as live:

@@ -14,7 +14,14 @@ from typing import Any
 
 from nrrn_daemon.errors import InputError
 
-__all__ = ["NAMING_FIELDS", "check_file_name", "check_template", "output_name", "render"]
+__all__ = [
+    "NAMING_FIELDS",
+    "check_file_name",
+    "check_template",
+    "naming_fields",
+    "output_name",
+    "render",
+]
 
 NAMING_FIELDS = ("name", "stem", "suffix", "index")
 """The placeholders an output naming template may use."""
@@ -29,6 +36,11 @@ def render(template: str, input_name: str, index: int | None) -> str:
     elif "index" in {f for _, f, _, _ in string.Formatter().parse(template)}:
         raise ValueError("the template uses {index} but the slice has no index")
     return template.format_map(fields)
+
+
+def naming_fields(template: str) -> set[str]:
+    """The placeholders a (checked) naming template uses."""
+    return {f for _, f, _, _ in string.Formatter().parse(template) if f}
 
 
 def check_file_name(name: str) -> str:

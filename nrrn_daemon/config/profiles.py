@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from nrrn_daemon.config import naming
+from nrrn_daemon.config.naming import naming_fields
 
 __all__ = [
     "FinetuneSettings",
@@ -37,6 +38,9 @@ __all__ = [
 PROFILE_NAME = re.compile(r"^[a-z0-9_-]+$")
 """What a profile name may look like: it doubles as a file name, so it cannot escape a folder."""
 
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+"""What a detector channel's name may look like (it names a data set and a volume)."""
+
 _STRICT = ConfigDict(
     extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
 )
@@ -46,6 +50,18 @@ def _expand(value: Any) -> Any:
     """Expand ``~`` and ``$VARS`` in a path-like value; relative paths stay relative."""
     if isinstance(value, (str, os.PathLike)):
         return Path(os.path.expandvars(os.path.expanduser(os.fspath(value))))
+    return value
+
+
+def check_glob(value: str) -> str:
+    """Return ``value`` if it is a file name pattern, else raise ValueError saying why."""
+    if not value.strip():
+        raise ValueError("the glob is empty; give a file name pattern such as '*.tif'")
+    if "/" in value or "\\" in value:
+        raise ValueError(
+            "the glob is matched against file names only and must not contain '/' or '\\'; "
+            "use watch.folder and watch.recursive for folders"
+        )
     return value
 
 
@@ -88,6 +104,13 @@ class WatchSettings(BaseModel):
     """A file counts as complete once its size and modification time stayed unchanged this many
     seconds (and it decodes)."""
 
+    channels: dict[str, str] = {}
+    """Several detectors writing into one folder (Auto Slice & View's "SEM Image" and "SEM
+    Image 2"): channel name = file name glob, e.g. {"SEM Image" = "SEM Image - *.tif", "SEM
+    Image 2" = "SEM Image 2 - *.tif"}. Each channel is its own data set ("<folder> [<name>]")
+    with its own triplets, model and fine-tune, all in one daemon; the globs must not match the
+    same files. Empty (the default): the folder is one data set, matched by `glob`."""
+
     rescan_interval_s: float = Field(default=60.0, ge=1, le=86400)
     """Seconds between two reconciliation scans of the whole folder, which stat every file and
     catch any file the observer missed (and, with "listing", files rewritten in place)."""
@@ -111,13 +134,20 @@ class WatchSettings(BaseModel):
     @field_validator("glob")
     @classmethod
     def _glob_is_a_name_pattern(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the glob is empty; give a file name pattern such as '*.tif'")
-        if "/" in value or "\\" in value:
-            raise ValueError(
-                "the glob is matched against file names only and must not contain '/' or '\\'; "
-                "use watch.folder and watch.recursive for folders"
-            )
+        return check_glob(value)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_are_names_and_globs(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, glob in value.items():
+            if not CHANNEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"channel name {name!r} must be letters, digits, spaces, '.', '_' or '-'"
+                )
+            try:
+                check_glob(glob)
+            except ValueError as exc:
+                raise ValueError(f"channel {name!r}: {exc}") from None
         return value
 
     @field_validator("index_regex")
@@ -161,9 +191,11 @@ class ImageSettings(BaseModel):
 
     model_config = _STRICT
 
-    databar: Literal["none", "fei", "rows"] = "none"
-    """The information strip below the image, cropped before denoising: "none"; "fei" (height
-    from the FEI metadata, keeping [Image] ResolutionY rows); "rows" (`databar_rows` rows)."""
+    databar: Literal["auto", "none", "fei", "rows"] = "auto"
+    """The information strip below the image, cropped before denoising and copied through
+    unchanged: "auto" (where the file's metadata says the image ends: FEI [Image] ResolutionY
+    smaller than the image; else every row is image); "none" (every row is image); "fei"
+    (require the FEI metadata, keep [Image] ResolutionY rows); "rows" (`databar_rows` rows)."""
 
     databar_rows: int = Field(default=0, ge=0, le=65535)
     """For `databar` = "rows": the fixed height in pixels of the strip at the bottom."""
@@ -444,6 +476,13 @@ class Profile(BaseModel):
                 f"store.database ({self.store.database}) is inside the watch folder ({watch}); "
                 "the watch folder is read-only to the daemon, choose another place"
             )
+        if len(self.watch.channels) > 1 and not {"name", "stem"} & naming_fields(
+            self.output.naming
+        ):
+            raise ValueError(
+                f"output.naming = {self.output.naming!r} would give the channels' slices the same"
+                " output names; use {name} or {stem} with several watch.channels"
+            )
         if (
             self.grouping.mode == "repeat-scans"
             and "scan" not in re.compile(self.watch.index_regex).groupindex
@@ -458,6 +497,19 @@ class Profile(BaseModel):
     def source(self) -> Path | None:
         """The file this profile was loaded from, or None when built in code."""
         return self._source
+
+    def for_channel(self, channel: str) -> Profile:
+        """This profile for one of its `watch.channels`: its glob, and its own live volume
+        (``<zarr stem>-<channel>.zarr``, spaces as '_')."""
+        watch = self.watch.model_copy(update={"glob": self.watch.channels[channel], "channels": {}})
+        output = self.output
+        if output.zarr is not None:
+            slug = channel.replace(" ", "_")
+            zarr = output.zarr.with_name(f"{output.zarr.stem}-{slug}{output.zarr.suffix}")
+            output = output.model_copy(update={"zarr": zarr})
+        copy = self.model_copy(update={"watch": watch, "output": output})
+        copy._source = self._source
+        return copy
 
     def output_name(self, input_name: str, index: int | None) -> str:
         """Apply the `output.naming` template to one input file.

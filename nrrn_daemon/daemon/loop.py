@@ -110,6 +110,13 @@ class Daemon:
         True: read, denoise and write in three threads, each slice read once. False: the
         synchronous design (each unit read, denoised and written in turn by the loop, inputs read
         per unit), kept to measure against (``benchmarks/daemon_overhead.py``).
+    channel
+        The detector channel this daemon handles (``profile.watch.glob`` is then that channel's
+        glob; see :class:`~nrrn_daemon.daemon.channels.Channels`): its data set is named
+        ``"<watch folder> [<channel>]"``. None: the folder is one data set, named by the folder.
+    wake, state
+        The event that wakes the loop and the live counters (shared by the channels of one
+        loop); new ones when not given.
     """
 
     def __init__(
@@ -120,21 +127,26 @@ class Daemon:
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         finetune_trigger: Any = None,
         overlap: bool = True,
+        channel: str | None = None,
+        wake: threading.Event | None = None,
+        state: LiveState | None = None,
     ) -> None:
         self.profile = profile
+        self.channel = channel
         self.overlap = overlap
         self.store = store
         self.on_event = on_event or (lambda kind, data: None)
         self.watch_folder = Path(profile.watch.folder).expanduser().resolve()
         self.output_folder = Path(profile.output.folder).expanduser().resolve()
-        self.state = LiveState()
+        self.state = state or LiveState()
         self._stop_reason: str | None = None
-        self._wake = threading.Event()
+        self._wake = wake or threading.Event()
+        self._last_beat = 0.0
         self._retry: deque[tuple[float, Work]] = deque()
         self._stale: deque[str] = deque()  # slices to re-denoise with a new model, newest first
         self._arrived: deque[Path] = deque()  # complete files not taken in yet (paths only)
         self._run_id: int | None = None
-        self.dataset_name = str(self.watch_folder)
+        self.dataset_name = dataset_name(self.watch_folder, channel)
         self.dataset_id = store.ensure_dataset(
             name=self.dataset_name,
             watch_folder=str(self.watch_folder),
@@ -146,7 +158,8 @@ class Daemon:
         )  # fmt: skip
         self.serving = Serving(profile, store, self.dataset_id)
         zarr = profile.output.zarr_path
-        self.live_zarr = LiveZarr(zarr, name=self.watch_folder.name) if zarr else None
+        label = self.watch_folder.name + (f" [{channel}]" if channel else "")
+        self.live_zarr = LiveZarr(zarr, name=label) if zarr else None
         image = profile.image
         self.cache = SliceCache(CACHE_SLICES if overlap else 0, image.databar, image.databar_rows)
         self.pipeline = Pipeline(
@@ -211,59 +224,14 @@ class Daemon:
         str
             Why the loop ended ("SIGTERM", "burst complete"...).
         """
-        run_id = self._run_id = self.store.start_run(
-            profile_name=self.profile.name,
-            profile_json=self.profile.model_dump_json(),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            version=__version__,
-            device=self.denoiser.device,
-        )
-        if self.denoiser.cpu_fallback:
-            log.warning(
-                "no CUDA GPU available: denoising on the CPU (%s), which is much slower",
-                self.denoiser.device_name,
-            )
-        log.info(
-            "watching %s (%s observer), writing to %s, model %s on %s",
-            self.watch_folder,
-            self.profile.watch.observer,
-            self.output_folder,
-            self.model.label,
-            self.denoiser.device,
-        )
+        run_id = self.start_run()
         reason = "crashed"
-        last_beat = 0.0
         try:
-            self.watcher.check_folder()  # before anything is created or scheduled
-            self._recover()
-            self.denoiser.warm_up()  # compiles now, so that no slice waits for it
-            if not burst:
-                self.finetuning.start()
-            self.watcher.start()
-            self.watch.start()  # from here on, only its thread calls the watcher
-            self.pipeline.start()
+            self.open(run_id, burst)
             while self._stop_reason is None:
-                now = time.time()
-                self._wake.clear()  # set again by a stop, a finished unit, room in the pipeline
-                busy = self._turn(now)
-                if not burst and self.finetuning.turn(now, self.model.path):
-                    self._sync_model()
-                if now - last_beat >= HEARTBEAT_S:
-                    if not burst:
-                        self._sync_model()
-                    self._heartbeat(run_id)
-                    last_beat = now
-                settled = not (busy or self._retry or self._arrived) and self.pipeline.idle
-                if burst and settled and self.watch.idle:
-                    released = self.arrivals.release(None)  # held slices: usable after all
-                    for item, reason in released:
-                        self._submit(item, reason)
-                    flushed = self.grouper.flush()  # the edges, with what they have
-                    for item in flushed:
-                        self._submit(item)
-                    if not flushed and not released:
-                        self.request_stop("burst complete")
+                busy, done = self.step(time.time(), burst)
+                if done:
+                    self.request_stop("burst complete")
                 elif not busy:
                     self._wake.wait(IDLE_WAIT_S)
             reason = self._stop_reason or "stopped"
@@ -274,14 +242,82 @@ class Daemon:
             reason = f"crashed: {type(exc).__name__}: {exc}"
             raise
         finally:
-            self.watch.stop()
-            self.finetuning.stop()
-            for done in self.pipeline.close(STOP_TIMEOUT_S):  # outputs written are recorded
-                self._finish(done, closing=True)
+            self.close()
             self._heartbeat(run_id)
             self.store.end_run(run_id, reason)
             log.info("stopped: %s", reason)
         return reason
+
+    # The phases of :meth:`work`, also run one channel after the other by
+    # :class:`~nrrn_daemon.daemon.channels.Channels` (several detectors, one loop, one writer).
+    def start_run(self) -> int:
+        """Record the start of a daemon run in the store; returns its id."""
+        return self.store.start_run(
+            profile_name=self.profile.name,
+            profile_json=self.profile.model_dump_json(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            device=self.denoiser.device,
+        )
+
+    def open(self, run_id: int, burst: bool) -> None:
+        """Check the folder, recover, warm up, start the watcher, pipeline (and fine-tunes)."""
+        self._run_id = run_id
+        self._last_beat = 0.0
+        if self.denoiser.cpu_fallback:
+            log.warning(
+                "no CUDA GPU available: denoising on the CPU (%s), which is much slower",
+                self.denoiser.device_name,
+            )
+        log.info(
+            "watching %s%s (%s observer), writing to %s, model %s on %s",
+            self.watch_folder,
+            f" ({self.profile.watch.glob})" if self.channel else "",
+            self.profile.watch.observer,
+            self.output_folder,
+            self.model.label,
+            self.denoiser.device,
+        )
+        self.watcher.check_folder()  # before anything is created or scheduled
+        self._recover()
+        self.denoiser.warm_up()  # compiles now, so that no slice waits for it
+        if not burst:
+            self.finetuning.start()
+        self.watcher.start()
+        self.watch.start()  # from here on, only its thread calls the watcher
+        self.pipeline.start()
+
+    def step(self, now: float, burst: bool, *, heartbeat: bool = True) -> tuple[bool, bool]:
+        """One turn of the loop; returns (busy, done): ``done`` only in burst mode, once the
+        folder's slices are all denoised (the edges flushed)."""
+        self._wake.clear()  # set again by a stop, a finished unit, room in the pipeline
+        busy = self._turn(now)
+        if not burst and self.finetuning.turn(now, self.model.path):
+            self._sync_model()
+        if now - self._last_beat >= HEARTBEAT_S:
+            if not burst:
+                self._sync_model()
+            if heartbeat and self._run_id is not None:
+                self._heartbeat(self._run_id)
+            self._last_beat = now
+        settled = not (busy or self._retry or self._arrived) and self.pipeline.idle
+        if burst and settled and self.watch.idle:
+            released = self.arrivals.release(None)  # held slices: usable after all
+            for item, reason in released:
+                self._submit(item, reason)
+            flushed = self.grouper.flush()  # the edges, with what they have
+            for item in flushed:
+                self._submit(item)
+            return True, not (flushed or released)
+        return busy, False
+
+    def close(self) -> None:
+        """Stop the watcher and fine-tunes; finish and record the outputs being written."""
+        self.watch.stop()
+        self.finetuning.stop()
+        for done in self.pipeline.close(STOP_TIMEOUT_S):  # outputs written are recorded
+            self._finish(done, closing=True)
 
     def _turn(self, now: float) -> bool:
         """One turn: new files, timeouts, submit units, record finished ones. True if busy."""
@@ -432,32 +468,38 @@ class Daemon:
         self.arrivals.seed(self.watcher.mark_known)
 
     def _heartbeat(self, run_id: int) -> None:
+        self.store.heartbeat(run_id, self.heartbeat_state())
+        self.on_event("heartbeat", {"state": self.state})
+
+    def heartbeat_state(self) -> dict[str, Any]:
+        """The live counters the heartbeat records (read back by ``status``)."""
         s = self.state
-        self.store.heartbeat(
-            run_id,
-            {
-                "seen": s.seen,
-                "denoised": s.denoised,
-                "failed": s.failed,
-                "unusable": s.unusable,
-                "current": s.current,
-                "last_output": s.last_output,
-                "last_latency_s": s.last_latency_s,
-                "retries_pending": len(self._retry),
-                "redenoise_pending": len(self._stale),
-                "folder_error": s.folder_error,
-                "device": self.denoiser.device,
-                "device_name": self.denoiser.device_name,
-                "precision": self.denoiser.precision,
-                "cpu_fallback": self.denoiser.cpu_fallback,
-                "model": self.model.label,
-                "next_finetune": self.finetuning.next_run(),
-                "recent_failures": list(s.recent_failures),
-                "recent_unusable": list(s.recent_unusable),
-                "live_volume": _volume_state(self.live_zarr),
-            },
-        )
-        self.on_event("heartbeat", {"state": s})
+        return {
+            "seen": s.seen,
+            "denoised": s.denoised,
+            "failed": s.failed,
+            "unusable": s.unusable,
+            "current": s.current,
+            "last_output": s.last_output,
+            "last_latency_s": s.last_latency_s,
+            "retries_pending": len(self._retry),
+            "redenoise_pending": len(self._stale),
+            "folder_error": s.folder_error,
+            "device": self.denoiser.device,
+            "device_name": self.denoiser.device_name,
+            "precision": self.denoiser.precision,
+            "cpu_fallback": self.denoiser.cpu_fallback,
+            "model": self.model.label,
+            "next_finetune": self.finetuning.next_run(),
+            "recent_failures": list(s.recent_failures),
+            "recent_unusable": list(s.recent_unusable),
+            "live_volume": _volume_state(self.live_zarr),
+        }
+
+
+def dataset_name(watch_folder: Path, channel: str | None) -> str:
+    """The data set of a watch folder (one channel of it when ``channel`` is given)."""
+    return str(watch_folder) if channel is None else f"{watch_folder} [{channel}]"
 
 
 def _volume_state(live: LiveZarr | None) -> dict[str, Any] | None:

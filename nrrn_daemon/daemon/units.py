@@ -16,7 +16,6 @@ It never writes anywhere but the output folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from nrrn_daemon import __version__
 from nrrn_daemon.daemon.slicecache import LoadedSlice
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.evaluation.quality import Quality, measure
 from nrrn_daemon.files import safe_join
+from nrrn_daemon.imaging.provenance import description
 from nrrn_daemon.imaging.tiff import SliceImage, write_slice_atomic
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.registry import ModelInfo
@@ -65,39 +64,8 @@ class OutputRecord:
     """No-reference noise and flat-region IQR of input and output (None: too small to measure)."""
 
 
-def description(
-    *, mode: str, centre: str, neighbours: list[str], model_label: str, model_sha256: str,
-    device: str, settings: dict[str, Any], via: str = "", unusable: str | None = None,
-) -> str:  # fmt: skip
-    """An output's ImageDescription: what was done, by what, from which files (no time stamps:
-    the same inputs and model give the same bytes). ``unusable``: why the slice was not used as
-    a neighbour (mode ``copy``: nor denoised)."""
-    what = f"NRRN denoised slice (unsupervised, adjacent-slice Noise2Noise{via})"
-    if unusable is not None:
-        what = (
-            f"copy of the input, not denoised: unusable: {unusable}"
-            if mode == "copy"
-            else f"NRRN denoised alone, not used as a neighbour: unusable: {unusable}"
-        )
-    extra = {} if unusable is None else {"unusable": unusable}
-    return json.dumps(
-        {
-            **extra,
-            "software": f"nrrn-daemon {__version__}",
-            "what": what,
-            "mode": mode,
-            "centre": centre,
-            "neighbours": neighbours,
-            "model": {"label": model_label, "sha256": model_sha256},
-            "device": device,
-            "settings": settings,
-        },
-        sort_keys=True,
-    )
-
-
 def describe(work: Work, model: ModelInfo, denoiser: Denoiser, settings: dict[str, Any]) -> str:
-    """The ImageDescription of a daemon output (see :func:`description`)."""
+    """The ImageDescription of a daemon output (see :func:`~nrrn_daemon.imaging.provenance`)."""
     return description(
         mode=work.mode, centre=work.centre.name, neighbours=[n.name for n in work.neighbours],
         model_label=model.label, model_sha256=model.sha256, device=denoiser.device,

@@ -45,6 +45,9 @@ class Stack:
     dtype : numpy.dtype
         Pixel type of every slice.
     source_kind : {"multipage", "files"}
+        A single-page file is a stack of one slice file ("files").
+    colormap : numpy.ndarray or None
+        The grey-ramp palette of a multi-page palette stack (photometric 3), to write back.
     """
 
     paths: tuple[Path, ...]
@@ -54,6 +57,7 @@ class Stack:
     dtype: np.dtype
     source_kind: SourceKind
     allow_float: bool = False
+    colormap: np.ndarray | None = None
     _volume: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -116,9 +120,16 @@ def read_stack(inputs: Sequence[Path], *, allow_float: bool = False) -> Stack:
         raise InputError("no input given — pass a multi-page TIFF, a folder of slices, or files")
     if len(paths) == 1 and paths[0].is_dir():
         return _from_files(folder_slices(paths[0]), paths[0].name, allow_float)
+    if len(paths) == 1 and _pages(paths[0]) == 1:
+        return _from_files(paths, paths[0].stem, allow_float)  # one slice file
     if len(paths) == 1:
         return _from_multipage(paths[0], allow_float)
     return _from_files(paths, paths[0].parent.name or paths[0].stem, allow_float)
+
+
+def _pages(path: Path) -> int:
+    with open_tiff(path) as tif:
+        return len(tif.pages)
 
 
 def _from_multipage(path: Path, allow_float: bool) -> Stack:
@@ -148,6 +159,7 @@ def _from_multipage(path: Path, allow_float: bool) -> Stack:
         dtype=dtype,
         source_kind="multipage",
         allow_float=allow_float,
+        colormap=np.array(first.colormap, np.uint16) if int(first.photometric) == 3 else None,
         _volume=volume,
     )
 

@@ -6,12 +6,19 @@ IFD chain must end cleanly (tifffile only logs a broken chain), and the decoded 
 shape the header announces.
 
 Writing renders the full-size image (denoised pixels above the untouched databar) in the input's
-dtype, byte order and photometric interpretation, to a hidden temporary file ``.<name>.<rand>.part``
+dtype, byte order and photometric interpretation (a grey-ramp palette is kept as it is), with the
+input's tags, EXIF and GPS IFDs, to a hidden temporary file ``.<name>.<rand>.part``
 in the destination folder (ignored by ``*.tif`` globs and watchers), then flush, ``os.fsync``,
 ``os.replace`` onto the final name and fsync the folder: a crash never leaves a half-written file
 under the final name. Output is uncompressed.
 
-Which metadata is kept, and as which bytes: see :mod:`nrrn_daemon.imaging.tiffmeta`.
+Which metadata is kept, and as which bytes: see :mod:`nrrn_daemon.imaging.tiffmeta`; the
+description written: :mod:`nrrn_daemon.imaging.provenance`.
+
+Palette images: ZEISS SmartSEM writes 8-bit palette TIFFs (photometric 3) whose colour map is a
+grey ramp. Their pixel values are indices into that map; a map that is the same on R, G and B and
+never decreases makes the indices grey levels in the same order, so they are denoised as they are
+and written back with the same map. Any other palette is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import io
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -29,20 +36,30 @@ import tifffile
 
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.files import atomic_write
-from nrrn_daemon.imaging.tiffmeta import (
-    KEPT_TAGS,
+from nrrn_daemon.imaging.provenance import (
     ORIGINAL_DESCRIPTION_MARKER,
+    SOFTWARE,
+    compose,
+    split_description,
+)
+from nrrn_daemon.imaging.tiffifd import RawIfd, append_ifds, placeholder_codes
+from nrrn_daemon.imaging.tiffmeta import (
+    LAYOUT_TAGS,
     SEM_TAGS,
     TagTuple,
     fei_metadata,
     kept_tags,
+    placeholders,
+    pointer_ifds,
     raw_tag,
-    split_description,
     split_resolution,
     text_of,
 )
 
-DatabarMode = Literal["none", "fei", "rows"]
+DatabarMode = Literal["none", "fei", "rows", "auto"]
+DATABAR_MODES: tuple[str, ...] = ("none", "fei", "rows", "auto")
+"""``"auto"``: crop where the file's own metadata says where the image ends (FEI
+``[Image] ResolutionY`` smaller than the image), else keep every row."""
 
 DENOISABLE_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.uint8), np.dtype(np.uint16))
 
@@ -68,10 +85,18 @@ class SliceImage:
         Parsed FEI metadata (``{"Image": {"ResolutionY": ...}, ...}``) when present.
     description : str or None
         The original ImageDescription.
+    software : str or None
+        The original Software tag (the output's names nrrn-daemon; this one goes into the
+        description).
     byteorder : str
         ``"<"`` or ``">"``: the output keeps the input's byte order.
     photometric : int
-        0 (min-is-white) or 1 (min-is-black): kept so viewers show the same grey levels.
+        0 (min-is-white), 1 (min-is-black) or 3 (palette with a grey ramp): kept so viewers show
+        the same grey levels.
+    colormap : numpy.ndarray or None
+        The palette (``(3, 2**bits)`` uint16) of a photometric-3 slice, written back unchanged.
+    ifds : list of RawIfd
+        The EXIF/GPS IFDs of the input, copied into the output as sub-IFDs.
     """
 
     pixels: np.ndarray
@@ -83,6 +108,9 @@ class SliceImage:
     description: str | None
     byteorder: str = "<"
     photometric: int = 1
+    software: str | None = None
+    colormap: np.ndarray | None = None
+    ifds: list[RawIfd] = field(default_factory=list)
 
 
 @contextmanager
@@ -171,14 +199,32 @@ def decode_page(tif: tifffile.TiffFile, index: int, path: Path) -> np.ndarray:
     return array
 
 
+def is_grey_ramp(colormap: Any) -> bool:
+    """Whether a TIFF colour map is a grey ramp: R = G = B, never decreasing, not constant."""
+    cmap = np.asarray(colormap)
+    if cmap.ndim != 2 or cmap.shape[0] != 3 or cmap.shape[1] < 2:
+        return False
+    grey = cmap[0].astype(np.int64)
+    same = bool(np.array_equal(cmap[0], cmap[1]) and np.array_equal(cmap[0], cmap[2]))
+    return same and bool(np.all(np.diff(grey) >= 0)) and int(grey[-1]) > int(grey[0])
+
+
 def check_grey(page: Any, path: Path, *, allow_float: bool = False) -> np.dtype:
-    """Raise :class:`InputError` unless ``page`` is one grey channel of a supported dtype."""
+    """Raise :class:`InputError` unless ``page`` is one grey channel of a supported dtype.
+
+    A palette page (photometric 3) counts as grey when its colour map is a grey ramp.
+    """
     if page.samplesperpixel != 1 or len(page.shape) != 2:
         raise InputError(
             f"cannot use {path}: its pages are {tuple(page.shape)} with {page.samplesperpixel}"
             " samples per pixel (RGB?), expected one grey channel — export grey-level slices"
         )
-    if int(page.photometric) not in (0, 1):
+    if int(page.photometric) == 3 and not is_grey_ramp(page.colormap):
+        raise InputError(
+            f"cannot use {path}: its pixels are colour-mapped (photometric 3) with a colour"
+            " palette, not a grey ramp (R = G = B, increasing) — export grey-level slices"
+        )
+    if int(page.photometric) not in (0, 1, 3):
         raise InputError(
             f"cannot use {path}: its pixels are colour-mapped (photometric"
             f" {int(page.photometric)}), expected grey levels — export grey-level slices"
@@ -201,9 +247,11 @@ def read_slice(path: Path, databar: DatabarMode = "none", databar_rows: int = 0)
     ----------
     path : Path
         A single-page, single-channel uint8 or uint16 TIFF.
-    databar : {"none", "fei", "rows"}
+    databar : {"none", "fei", "rows", "auto"}
         ``"fei"``: the image is the top ``[Image] ResolutionY`` rows of the FEI metadata, the
         rest is the databar. ``"rows"``: the bottom ``databar_rows`` rows are the databar.
+        ``"auto"``: as ``"fei"`` when the file's metadata says where the image ends, else
+        ``"none"``.
     databar_rows : int
         Databar height for ``databar="rows"``.
 
@@ -225,8 +273,8 @@ def read_slice(path: Path, databar: DatabarMode = "none", databar_rows: int = 0)
 
 def check_databar_mode(databar: str) -> None:
     """Raise ValueError unless ``databar`` is one of the :data:`DatabarMode` values."""
-    if databar not in ("none", "fei", "rows"):
-        raise ValueError(f"databar must be 'none', 'fei' or 'rows', got {databar!r}")
+    if databar not in DATABAR_MODES:
+        raise ValueError(f"databar must be 'none', 'fei', 'rows' or 'auto', got {databar!r}")
 
 
 def slice_from_tiff(
@@ -244,6 +292,7 @@ def slice_from_tiff(
     tags = kept_tags(tif, page)
     fei = fei_metadata(page)
     description = text_of(raw_tag(tif, page, 270)) if 270 in page.tags else None
+    software = text_of(raw_tag(tif, page, 305)) if 305 in page.tags else None
     height = _image_height(path, full.shape, databar, databar_rows, fei)
     return SliceImage(
         pixels=full[:height],
@@ -253,8 +302,11 @@ def slice_from_tiff(
         tags=tags,
         fei=fei,
         description=description,
+        software=software,
         byteorder=tif.byteorder,
         photometric=int(page.photometric),
+        colormap=np.array(page.colormap, np.uint16) if int(page.photometric) == 3 else None,
+        ifds=pointer_ifds(tif, page),
     )
 
 
@@ -291,7 +343,8 @@ def write_slice_atomic(
     denoised : numpy.ndarray
         Denoised pixels, same shape and dtype as ``image.pixels`` (convert before: no float).
     description : str
-        ASCII text (for example JSON) saying what was done; becomes the ImageDescription.
+        ASCII text saying what was done (:mod:`~nrrn_daemon.imaging.provenance`); becomes the
+        ImageDescription, the input's own description kept after it.
 
     Returns
     -------
@@ -313,33 +366,41 @@ def write_slice_atomic(
         full = np.empty(image.full_shape, dtype=image.dtype)
         full[: denoised.shape[0]] = denoised
         full[denoised.shape[0] :] = image.databar
-    text = description.encode("ascii")
-    if image.description:
-        original = ORIGINAL_DESCRIPTION_MARKER + image.description
-        text += original.encode("utf-8", "surrogateescape")
+    text = compose(description, image.description, image.software)
     extratags, resolution, unit = split_resolution(image.tags)
+    codes = placeholder_codes(image.ifds, {t[0] for t in extratags})
+    extratags += placeholders(codes)
 
     def render(fh: BinaryIO) -> None:
+        buffer = io.BytesIO()
         tifffile.imwrite(
-            fh,
+            buffer,
             full,
             byteorder=image.byteorder,
             photometric=image.photometric,
+            colormap=image.colormap,
             description=text,
             metadata=None,
-            software=False,
+            software=SOFTWARE,
             datetime=False,
             resolution=resolution,
             resolutionunit=unit,
             extratags=extratags,
+            bigtiff=False,
         )
+        data = buffer.getvalue()
+        fh.write(append_ifds(data, image.ifds, codes, image.byteorder) if image.ifds else data)
 
     hint = "the slice stays pending and will be retried"
     return atomic_write(path, render, hint)
 
 
-def write_stack(path: Path, array: np.ndarray, description: str | None = None) -> str:
+def write_stack(
+    path: Path, array: np.ndarray, description: str | None = None, colormap: Any = None
+) -> str:
     """Write a 3-D (z, y, x) array as a multi-page TIFF, atomically; return its sha256.
+
+    With ``colormap`` (a grey-ramp palette), the pages are written as palette images with it.
 
     Raises
     ------
@@ -355,7 +416,9 @@ def write_stack(path: Path, array: np.ndarray, description: str | None = None) -
             array,
             description=description,
             metadata=None,
-            photometric="minisblack",
+            software=SOFTWARE,
+            photometric="minisblack" if colormap is None else "palette",
+            colormap=colormap,
             bigtiff=array.nbytes > 2**32 - 2**25,
         )
 
@@ -366,6 +429,9 @@ def _image_height(
     path: Path, shape: tuple[int, ...], mode: str, rows: int, fei: dict[str, Any] | None
 ) -> int:
     height = int(shape[0])
+    if mode == "auto":
+        res_y = _fei_height(fei)
+        return res_y if res_y is not None and 0 < res_y < height else height
     if mode == "none":
         return height
     if mode == "rows":
@@ -375,9 +441,8 @@ def _image_height(
                 f" {height} rows — set databar_rows between 0 and {height - 1}"
             )
         return height - rows
-    image = (fei or {}).get("Image", {})
-    res_y = image.get("ResolutionY") if isinstance(image, dict) else None
-    if not isinstance(res_y, int) or res_y <= 0:
+    res_y = _fei_height(fei)
+    if res_y is None or res_y <= 0:
         raise InputError(
             f"cannot split the databar of {path}: no FEI metadata with [Image] ResolutionY (tag"
             " 34682/34680) — use databar='rows' with the databar height, or databar='none'"
@@ -390,12 +455,21 @@ def _image_height(
     return res_y
 
 
+def _fei_height(fei: dict[str, Any] | None) -> int | None:
+    """``[Image] ResolutionY`` of FEI metadata (the image's height above the databar), or None."""
+    image = (fei or {}).get("Image", {})
+    res_y = image.get("ResolutionY") if isinstance(image, dict) else None
+    return res_y if isinstance(res_y, int) and not isinstance(res_y, bool) else None
+
+
 __all__ = [
-    "KEPT_TAGS",
+    "DATABAR_MODES",
+    "LAYOUT_TAGS",
     "ORIGINAL_DESCRIPTION_MARKER",
     "SEM_TAGS",
     "DatabarMode",
     "SliceImage",
+    "is_grey_ramp",
     "TagTuple",
     "check_databar_mode",
     "read_slice",

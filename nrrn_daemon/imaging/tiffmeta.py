@@ -3,15 +3,21 @@
 Used by :mod:`nrrn_daemon.imaging.tiff` when it reads a slice (collect the tags) and writes its
 output (hand them back to tifffile). The decisions:
 
-- Kept tags (:data:`KEPT_TAGS`) are copied from the raw bytes of the input file, not from
-  tifffile's parsed values, so FEI (34680/34682) and ZEISS (34118) tags stay byte-identical. An
-  ASCII tag without a terminating NUL would get one appended by tifffile; for those SEM tags only,
-  the value is then written as UNDEFINED (same bytes, same count) so the bytes still match.
+- Every tag of the input's first page is kept, with the same value, except those that describe
+  the pixel layout, which tifffile writes itself for the uncompressed output (:data:`LAYOUT_TAGS`:
+  size, bit depth, compression, strips/tiles, photometric, colour map...), the ImageDescription
+  and the Software tag (which names nrrn-daemon and its version). Private vendor tags (FEI
+  34680/34682/34683, ZEISS 34118 and any other) are copied from the raw bytes of the input file,
+  not from tifffile's parsed values, so they stay byte-identical. An ASCII tag without a
+  terminating NUL would get one appended by tifffile; for the SEM tags the value is then written
+  as UNDEFINED (same bytes, same count) so the bytes still match.
+- The EXIF, GPS (and Interoperability) IFDs are copied entry by entry as sub-IFDs
+  (:mod:`nrrn_daemon.imaging.tiffifd`); the main IFD holds a placeholder tifffile writes.
 - Resolution (282/283/296) goes through tifffile's ``resolution`` arguments (tifffile always writes
   those tags itself); the value is kept, a non-reduced fraction such as 72/2 is stored reduced.
-- ImageDescription (270) becomes the caller's description; an original description is kept after it,
-  behind :data:`ORIGINAL_DESCRIPTION_MARKER` (see :func:`split_description`), so the first line a
-  viewer shows says what was done and nothing of the original is lost.
+- ImageDescription (270) becomes the caller's description; an original description is kept after it
+  (see :mod:`nrrn_daemon.imaging.provenance`), so the first line a viewer shows says what was done
+  and nothing of the original is lost.
 """
 
 from __future__ import annotations
@@ -21,21 +27,26 @@ from typing import Any
 
 import tifffile
 
+from nrrn_daemon.imaging.tiffifd import CLASSIC_DTYPES, POINTER_TAGS, RawIfd, read_pointer_ifd
+
 TagTuple = tuple[int, int, int, Any, bool]
 """One tag in tifffile's ``extratags`` format: (code, dtype, count, value, writeonce)."""
 
-SEM_TAGS = frozenset({34118, 34680, 34682})
-"""ZEISS CZ_SEM, FEI_SFEG, FEI_HELIOS: vendor metadata that must stay byte-identical."""
-KEPT_TAGS = frozenset({269, 271, 272, 282, 283, 285, 296, 305, 306, 315, 316, 33432} | SEM_TAGS)
-"""DocumentName, Make, Model, X/YResolution, PageName, ResolutionUnit, Software, DateTime, Artist,
-HostComputer, Copyright and the SEM tags. ImageDescription (270) is handled separately."""
-ORIGINAL_DESCRIPTION_MARKER = "\n\n--- original ImageDescription ---\n"
-
-
-def split_description(text: str) -> tuple[str, str | None]:
-    """Split an ImageDescription written here into (our description, the original or None)."""
-    ours, marker, original = text.partition(ORIGINAL_DESCRIPTION_MARKER)
-    return ours, (original if marker else None)
+SEM_TAGS = frozenset({34118, 34680, 34682, 34683})
+"""ZEISS CZ_SEM, FEI_SFEG, FEI_HELIOS, FEI_TITAN (Helios G4 writes it beside 34680/34682):
+vendor metadata that must stay byte-identical."""
+LAYOUT_TAGS = frozenset(
+    {256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 288, 289, 317, 320, 322, 323, 324}
+    | {325, 330, 338, 339, 340, 341, 347, 513, 514, 530, 531, 532, 32997, 32998}
+)
+"""Tags that describe how the pixels are stored (size, BitsPerSample, Compression, Photometric,
+FillOrder, strips, tiles, SubIFDs, SampleFormat, ColorMap, JPEG/YCbCr...): tifffile writes the
+output's own; the values that carry meaning (size, bit depth, photometric, colour map) are the
+input's by construction."""
+REPLACED_TAGS = frozenset({270, 305})
+"""ImageDescription (what was done, the original kept inside it) and Software (nrrn-daemon)."""
+RESOLUTION_TAGS = frozenset({282, 283, 296})
+"""X/YResolution, ResolutionUnit: written through tifffile's ``resolution`` arguments."""
 
 
 def fei_metadata(page: Any) -> dict[str, Any] | None:
@@ -57,13 +68,19 @@ def raw_tag(tif: tifffile.TiffFile, page: Any, code: int) -> bytes:
 
 
 def kept_tags(tif: tifffile.TiffFile, page: Any) -> list[TagTuple]:
-    """The :data:`KEPT_TAGS` of a page, in ``extratags`` format (values as raw bytes)."""
+    """Every tag of a page but the layout, replaced and pointer tags, in ``extratags`` format.
+
+    Values are the raw bytes as stored (resolution tags as tuples). Pointer tags (EXIF, GPS) are
+    left to :func:`pointer_ifds`.
+    """
     tags: list[TagTuple] = []
     for tag in page.tags.values():
         code, dtype = tag.code, int(tag.dtype)
-        if code not in KEPT_TAGS:
+        if code in LAYOUT_TAGS or code in REPLACED_TAGS or code in POINTER_TAGS or dtype == 13:
             continue
-        if code in (282, 283, 296):
+        if dtype not in CLASSIC_DTYPES:
+            continue  # a BigTIFF-only type: the output is a classic TIFF
+        if code in RESOLUTION_TAGS:
             value = tag.value
             tags.append((code, dtype, tag.count, tuple(value) if code != 296 else int(value), True))
             continue
@@ -72,6 +89,27 @@ def kept_tags(tif: tifffile.TiffFile, page: Any) -> list[TagTuple]:
             dtype = 7  # keep bytes and count identical: tifffile would append a NUL to ASCII
         tags.append((code, dtype, tag.count, raw, True))
     return tags
+
+
+def pointer_ifds(tif: tifffile.TiffFile, page: Any) -> list[RawIfd]:
+    """The EXIF, GPS and Interoperability IFDs a page points to, as raw entries."""
+    ifds: list[RawIfd] = []
+    for tag in page.tags.values():
+        code, dtype = tag.code, int(tag.dtype)
+        if code not in POINTER_TAGS and dtype != 13:
+            continue
+        if code == 330:
+            continue  # image sub-IFDs (thumbnails, pyramids): pixel data, not metadata
+        fh, fmt = tif.filehandle, tif.tiff
+        fh.seek(tag.offset + 4 + fmt.offsetsize)  # the entry's value field: the IFD's offset
+        (offset,) = struct.unpack(tif.byteorder + fmt.offsetformat[1:], fh.read(fmt.offsetsize))
+        ifds.append(read_pointer_ifd(tif, code, dtype if dtype in (4, 13) else 4, offset))
+    return ifds
+
+
+def placeholders(codes: list[int]) -> list[TagTuple]:
+    """One 1-count LONG per pointer IFD, for ``extratags`` (made the pointer by ``append_ifds``)."""
+    return [(code, 4, 1, 0, True) for code in codes]
 
 
 def split_resolution(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +59,9 @@ class Microscope:
         out-of-order arrival and gaps.
     first_index
         Number of slice 0 in the file names (Auto Slice & View starts at 1).
+    encode
+        Turns one slice into the bytes of its file (default :func:`encode_tiff`; tests pass a
+        vendor's layout: metadata tags, a palette, a databar).
     """
 
     folder: Path
@@ -69,6 +72,7 @@ class Microscope:
     chunk_pause_s: float = 0.05
     order: Iterable[int] | None = None
     first_index: int = 0
+    encode: Callable[[np.ndarray], bytes] = encode_tiff
     written: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -84,7 +88,7 @@ class Microscope:
         """Write slice ``k`` now (slowly) and return its path."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / self.name(k)
-        write_slowly(path, encode_tiff(self.volume[k]), self.chunks, self.chunk_pause_s)
+        write_slowly(path, self.encode(self.volume[k]), self.chunks, self.chunk_pause_s)
         self.written.append(path)
         return path
 

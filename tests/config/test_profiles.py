@@ -297,12 +297,13 @@ def test_list_profiles(tmp_path: Path) -> None:
 
 def test_field_docs_cover_every_field() -> None:
     docs = dict(profile_field_docs())
-    assert {"name", "watch.folder", "watch.index_regex", "output.naming", "finetune.cron"} <= set(
-        docs
-    )
+    assert {
+        "name", "watch.folder", "watch.index_regex", "watch.channels", "output.naming",
+        "finetune.cron",
+    } <= set(docs)  # fmt: skip
     assert all(text for text in docs.values()), [k for k, v in docs.items() if not v]
-    # 38 + [frames] (10) + [dashboard] (5) + watch.answer_timeout_s and watch.follow_links
-    assert len(docs) == 55
+    # 38 + [frames] (10) + [dashboard] (5) + watch.answer_timeout_s, .follow_links, .channels
+    assert len(docs) == 56
 
 
 def test_profiles_are_frozen(tmp_path: Path) -> None:

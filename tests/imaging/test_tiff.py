@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from nrrn_daemon import files
+from nrrn_daemon import __version__, files
 from nrrn_daemon.errors import InputError, OutputError
 from nrrn_daemon.files import safe_join, sha256_file
 from nrrn_daemon.imaging.stacks import read_stack
@@ -96,9 +96,11 @@ def test_file_list_keeps_given_order(tmp_path: Path) -> None:
 
 
 def test_one_page_file_is_a_one_slice_stack(tmp_path: Path) -> None:
+    # A single slice file is a stack of one slice *file*: denoised with its metadata and databar.
     tifffile.imwrite(tmp_path / "one.tif", _image((6, 7), np.uint16))
     stack = read_stack([tmp_path / "one.tif"])
-    assert (len(stack), stack.shape, stack.source_kind) == (1, (6, 7), "multipage")
+    assert (len(stack), stack.shape, stack.source_kind) == (1, (6, 7), "files")
+    assert stack.names == ("one.tif",)
 
 
 def test_mismatched_shape_names_the_file_and_both_shapes(tmp_path: Path) -> None:
@@ -204,7 +206,7 @@ def test_fei_databar_split_and_round_trip(tmp_path: Path) -> None:
     denoised = (255 - image.pixels).astype(np.uint8)
     out = tmp_path / "out" / src.name
     out.parent.mkdir()
-    digest = write_slice_atomic(out, image, denoised, '{"model": "nrrn"}')
+    digest = write_slice_atomic(out, image, denoised, "NRRN test")
     assert digest == sha256_file(out) == hashlib.sha256(out.read_bytes()).hexdigest()
     written = tifffile.imread(out)
     assert written.dtype == np.uint8 and written.shape == (56, 64)
@@ -212,7 +214,7 @@ def test_fei_databar_split_and_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(written[:48], denoised)
     assert _raw_tag(out, 34682) == _raw_tag(src, 34682) == (2, FEI_TEXT)
     with tifffile.TiffFile(out) as tif:
-        assert tif.pages[0].description == '{"model": "nrrn"}'
+        assert tif.pages[0].description == "NRRN test\ninput Software: tifffile.py"
         assert tif.fei_metadata == image.fei
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
 
@@ -280,16 +282,21 @@ def test_zeiss_and_standard_tags_are_kept(tmp_path: Path) -> None:
     )
     image = read_slice(src)
     out = tmp_path / "o.tif"
-    write_slice_atomic(out, image, image.pixels.copy(), '{"denoised": true}')
+    write_slice_atomic(out, image, image.pixels.copy(), "NRRN test")
     assert _raw_tag(out, 34118) == _raw_tag(src, 34118)
     with tifffile.TiffFile(out) as tif, tifffile.TiffFile(src) as orig:
         page, first = tif.pages[0], orig.pages[0]
         assert tif.sem_metadata == orig.sem_metadata
-        for code in (305, 306, 315, 296):
+        for code in (306, 315, 296):
             assert page.tags[code].value == first.tags[code].value
         for code in (282, 283):
             assert np.divide(*page.tags[code].value) == np.divide(*first.tags[code].value)
-        assert split_description(page.description) == ('{"denoised": true}', "acquired by SmartSEM")
+        # Software names us; the input's is kept in the description, as is its description
+        assert page.software == f"nrrn-daemon {__version__}"
+        assert split_description(page.description) == (
+            "NRRN test\ninput Software: SmartSEM 6.0",
+            "acquired by SmartSEM",
+        )
 
 
 def test_write_refuses_wrong_dtype_or_shape(tmp_path: Path) -> None:

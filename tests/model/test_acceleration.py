@@ -31,6 +31,7 @@ from nrrn_daemon.config.loading import load_profile
 from nrrn_daemon.daemon.loop import Daemon
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.finetune.training import TrainSettings, train
+from nrrn_daemon.imaging.provenance import read_provenance
 from nrrn_daemon.model import acceleration
 from nrrn_daemon.model.checkpoints import (
     BASE_CHECKPOINT,
@@ -262,8 +263,8 @@ def test_cli_denoise_precision_is_honoured_and_written_into_the_output(
     expected = "float32" if option or not cpu_bf16_features() else "bf16"
     assert f"({expected})" in result.output
     with tifffile.TiffFile(out / "stack.tif") as tif:
-        description = json.loads(tif.pages[0].description)
-    assert description["precision"] == expected
+        description = read_provenance(tif.pages[0].description)
+    assert description is not None and description["precision"] == expected
 
 
 def test_cli_train_precision_is_recorded_in_the_checkpoint(tmp_path: Path) -> None:
