@@ -58,6 +58,27 @@ def fib25(fib25_path: Path) -> np.ndarray:
     return vol
 
 
+SHARED_FIB25 = Path(
+    os.environ.get(
+        "NRRN_FIB25", REPO.parent / "shared" / "data" / "fib25" / "fib25_sample1_250.tif"
+    )
+)
+"""The whole shared FIB-25 volume (250³), beside the repository on CI; absent on a fresh clone."""
+
+
+@pytest.fixture(scope="session")
+def fib25_volume() -> np.ndarray:
+    """The whole shared FIB-25 volume (250 × 250 × 250 uint8), for the checks that need every
+    slice; skips where it is absent (a fresh clone: the tests/data slices cover the rest)."""
+    if not SHARED_FIB25.exists():
+        pytest.skip(f"the whole FIB-25 volume is not at {SHARED_FIB25} (set NRRN_FIB25)")
+    import tifffile
+
+    vol = tifffile.imread(SHARED_FIB25)
+    vol.setflags(write=False)
+    return vol
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     """``small_disk(name, size)``: a real tmpfs of ``size`` (e.g. ``"256k"``) mounted at a fresh

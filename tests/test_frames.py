@@ -17,7 +17,7 @@ BLANK, CUT, UNRELATED = 5, 10, 15
 def bad_stack(fib25: np.ndarray, spec: str = "poisson:4") -> np.ndarray:
     """A noisy FIB-25 crop with a blank slice, one cut short, and one from another place."""
     clean = fib25[:20, :96, :96].copy()
-    clean[UNRELATED] = fib25[150, 140:236, 140:236]
+    clean[UNRELATED] = fib25[28, 140:236, 140:236]  # another slice, another place
     stack = noisy_stack(clean, spec, seed=1)
     stack[BLANK] = 0
     stack[CUT, 48:] = 0
@@ -106,4 +106,10 @@ def test_no_false_alarm_on_a_noisy_phantom(spec):
 @pytest.mark.parametrize("spec", [None, *PROTOCOL_LEVELS])
 def test_no_false_alarm_on_the_fib25_volume(fib25, spec):
     stack = fib25 if spec is None else noisy_stack(fib25[:, :128, :128], spec, seed=4)
+    assert reasons(judge_stack(range(len(stack)), stack.__getitem__, SETTINGS)) == {}
+
+
+def test_no_false_alarm_on_the_whole_shared_volume(fib25_volume):
+    """All 250 slices of the shared FIB-25 volume, clean: none is judged unusable."""
+    stack = fib25_volume
     assert reasons(judge_stack(range(len(stack)), stack.__getitem__, SETTINGS)) == {}

@@ -36,7 +36,7 @@ NAME = "slice_{:04d}.tif"
 @pytest.fixture(scope="module")
 def noisy(fib25: np.ndarray) -> np.ndarray:
     """8 noisy FIB-25 slices (Poisson peak 4), full 250² size."""
-    return noisy_stack(fib25[200:208], "poisson:4", seed=4)
+    return noisy_stack(fib25[0:8], "poisson:4", seed=4)
 
 
 def cpu_reference(noisy: np.ndarray, k: int) -> np.ndarray:

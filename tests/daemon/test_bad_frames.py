@@ -29,7 +29,7 @@ BAD = {BLANK: "blank frame", CUT: "frame cut short", UNRELATED: "unrelated to it
 def acquisition(fib25) -> tuple[np.ndarray, np.ndarray]:
     """(noisy stack with three bad frames, a good re-acquisition of the blank one)."""
     clean = fib25[:24, :64, :64].copy()
-    clean[UNRELATED] = fib25[150, 150:214, 150:214]
+    clean[UNRELATED] = fib25[28, 150:214, 150:214]
     stack = noisy_stack(clean, "poisson:4", seed=1)
     retake = stack[BLANK].copy()
     stack[BLANK] = 0

@@ -28,7 +28,10 @@ def test_training_and_validation_triplets_are_disjoint() -> None:
 
 
 def test_slice_mode_uses_the_whole_centre_slice_stats_like_the_denoiser() -> None:
-    stack = (noisy_test_stack(n=5, size=48).astype(np.uint16) * 200).astype(np.uint16)
+    # One image at five brightnesses: every slice has its own stats, and no drift between them
+    # (the sampler aligns drifted neighbours; this test is about the normalisation alone).
+    base = noisy_test_stack(n=1, size=48)[0].astype(np.float64)
+    stack = np.stack([base * (100 + 20 * k) for k in range(5)]).astype(np.uint16)
     (src,) = prepare_sources([stack], TrainSettings(steps=1, validation_fraction=0))
     sampler = Sampler([src], Normalisation("slice", 0.0, 1.0), 16, augment=False, noise=None)
     sample = sampler.sample(np.random.default_rng(4))
@@ -65,7 +68,7 @@ def test_no_triplet_holds_an_unusable_slice(fib25) -> None:
     from nrrn_daemon.sim.noise import noisy_stack
 
     clean = fib25[:30, :64, :64].copy()
-    clean[20] = fib25[150, 150:214, 150:214]  # unrelated content
+    clean[20] = fib25[28, 150:214, 150:214]  # unrelated content
     stack = noisy_stack(clean, "gaussian:25", seed=0)
     stack[5] = 0  # blank
     stack[12, 32:] = 0  # cut short

@@ -24,7 +24,7 @@ CROP = (slice(40, 136), slice(40, 136))
 
 @pytest.fixture(scope="module")
 def data(fib25: np.ndarray) -> dict[str, np.ndarray]:
-    clean = fib25[200:216][(slice(None), *CROP)]
+    clean = fib25[0:16][(slice(None), *CROP)]
     return {"clean": clean, "noisy": noisy_stack(clean, SPEC, seed=7)}
 
 

@@ -113,7 +113,7 @@ def blind_checkpoint(blocks: int = 2) -> Checkpoint:
     return Checkpoint.from_model(model, Normalisation(mode="slice"))
 
 
-def fib25_triplet(fib25: np.ndarray, z: int = 210) -> tuple[np.ndarray, list[np.ndarray]]:
+def fib25_triplet(fib25: np.ndarray, z: int = 10) -> tuple[np.ndarray, list[np.ndarray]]:
     rng = np.random.default_rng(0)
     noisy = [
         np.clip(fib25[k].astype(np.float64) + rng.normal(0, 25, fib25[k].shape), 0, 255)

@@ -19,7 +19,7 @@ CLEAN_VARIANCE = 23.0
 
 @pytest.mark.parametrize("sigma", [10, 25])
 def test_gaussian_noise_is_measured_from_the_noisy_slice(fib25: np.ndarray, sigma: int) -> None:
-    noisy = noisy_stack(fib25[205:206], f"gaussian:{sigma}", seed=0)[0]
+    noisy = noisy_stack(fib25[5:6], f"gaussian:{sigma}", seed=0)[0]
     model = fit_noise_model([noisy])
     total = model.variance(np.array([130.0]))[0]
     assert total == pytest.approx(sigma**2 + CLEAN_VARIANCE, rel=0.1)
@@ -30,7 +30,7 @@ def test_poisson_noise_gets_its_signal_dependence(fib25: np.ndarray) -> None:
     """Peak 10: variance = 25.5·signal. The fit finds a clear slope but underestimates it (16–24
     measured on FIB-25 slices: clipping at 255 hides the bright bins); the variance in the
     mid-grey range, which is what the posterior weights use, is within 25 %."""
-    noisy = noisy_stack(fib25[204:207], "poisson:10", seed=0)
+    noisy = noisy_stack(fib25[4:7], "poisson:10", seed=0)
     model = fit_noise_model(list(noisy))
     assert 0.5 * 25.5 < model.a < 1.25 * 25.5
     assert model.variance(np.array([120.0]))[0] == pytest.approx(25.5 * 120, rel=0.25)
@@ -42,7 +42,7 @@ def test_the_posterior_mean_beats_both_the_blind_estimate_and_the_pixel(
     """A blind estimate with an independent error (σ 12) and the noisy pixel (σ 20): the
     combination with the fitted noise model and prior is closer to clean than either."""
     rng = np.random.default_rng(1)
-    clean = fib25[210].astype(np.float64)
+    clean = fib25[10].astype(np.float64)
     noisy = np.clip(clean + rng.normal(0, 20, clean.shape), 0, 255).round().astype(np.uint8)
     blind = clean + rng.normal(0, 12, clean.shape)
     noise = fit_noise_model([noisy])
