@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from nrrn_daemon.config.profiles import FrameSettings
 from nrrn_daemon.errors import InputError, NRRNError
 from nrrn_daemon.files import atomic_write
 from nrrn_daemon.finetune.promotion import judge
@@ -79,6 +80,9 @@ class FinetuneJob:
     """The profile's ``model.precision`` (training; validation is always in float32)."""
     compile: str = "auto"
     """The profile's ``model.compile`` (training only: the gate's few passes run eagerly)."""
+    frames: dict[str, Any] | None = None
+    """The profile's ``[frames]`` settings (the frame judgement of the training slices);
+    ``None``: their defaults."""
 
 
 @dataclass
@@ -280,6 +284,7 @@ def run_finetune(job: FinetuneJob) -> FinetuneResult:
         device=job.device, validation_fraction=job.validation_fraction,
         repeat_scans=repeat, scans_per_slice=job.scans_per_slice if repeat else 3,
         precision=job.precision, compile=job.compile,
+        frames=FrameSettings(**job.frames) if job.frames is not None else FrameSettings(),
     )  # fmt: skip
     flag = live_flag(Path(job.db))
     ckpt, report = train(

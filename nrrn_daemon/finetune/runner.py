@@ -70,6 +70,7 @@ def job_for(
         device=profile.model.device, databar=profile.image.databar,
         databar_rows=profile.image.databar_rows, scans_per_slice=scans,
         precision=profile.model.precision, compile=profile.model.compile,
+        frames=profile.frames.model_dump(),
     )  # fmt: skip
 
 
