@@ -112,16 +112,19 @@ class Work:
         return [InputRole.CENTRE, *(input_role(self.index, n.index) for n in self.neighbours)]
 
 
-def neighbour_indices(index: int, present: Container[int], inputs: int = 3) -> list[int]:
+def neighbour_indices(
+    index: int, present: Container[int], inputs: int = 3, unusable: Container[int] = frozenset()
+) -> list[int]:
     """The neighbours slice ``index`` is denoised with: the rule of the daemon, ``reprocess`` and
     ``denoise`` alike.
 
     With 3 inputs, ``index − 1`` and ``index + 1`` where present (a missing index is a gap: pair
-    mode, or single); with 2, one of them (the previous one first); with 1, none.
+    mode, or single); with 2, one of them (the previous one first); with 1, none. A slice in
+    ``unusable`` (:mod:`nrrn_daemon.frames`) is never a neighbour, and has none itself.
     """
-    if inputs == 1:
+    if inputs == 1 or index in unusable:
         return []
-    near = [j for j in (index - 1, index + 1) if j in present]
+    near = [j for j in (index - 1, index + 1) if j in present and j not in unusable]
     return near[:1] if inputs == 2 else near
 
 

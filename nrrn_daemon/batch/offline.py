@@ -105,12 +105,10 @@ def denoise_stack(
 
     results: list[np.ndarray] = []
     written: list[Path] = []
-    usable = set(range(n)) - set(bad)  # an unusable slice is never a neighbour...
     for i in range(n):
         for old in [k for k in cache if k < i - 1]:
             del cache[old]
-        # ... and has none itself (it is denoised alone).
-        neighbours = [] if i in bad else neighbour_indices(i, usable, inputs_per_estimate)
+        neighbours = neighbour_indices(i, range(n), inputs_per_estimate, bad)
         if intermediate is not None:
             _write_unit_estimates(denoiser, intermediate, stack, i, pixels, neighbours)
         if stack.source_kind == "files":

@@ -279,11 +279,7 @@ def _tasks(
     base = min(s.index for s in sources)
     tasks = []
     for s in sources:
-        near = (
-            []
-            if s.index in unusable
-            else [by_index[j] for j in neighbour_indices(s.index, by_index)]
-        )
+        near = [by_index[j] for j in neighbour_indices(s.index, by_index, 3, unusable)]
         mode = mode_for(len(near)).value
         bad = unusable.get(s.index)
         if bad is not None and not bad.has_signal:

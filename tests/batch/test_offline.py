@@ -3,17 +3,17 @@ pair-mode result (the shipped base checkpoint), the bad frames are still written
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import tifffile
 
-from nrrn_daemon.batch.offline import denoise_stack, neighbour_indices
+from nrrn_daemon.batch.offline import denoise_stack
 from nrrn_daemon.evaluation.metrics import psnr
+from nrrn_daemon.imaging.provenance import read_provenance
 from nrrn_daemon.model.checkpoints import BASE_CHECKPOINT, load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.sim.noise import noisy_stack
+from nrrn_daemon.triplets import neighbour_indices
 
 BLANK, CUT, UNRELATED = 3, 6, 9
 
@@ -30,7 +30,7 @@ BLANK, CUT, UNRELATED = 3, 6, 9
     ],
 )
 def test_neighbour_rule_skips_unusable_slices(i, inputs, unusable, expected):
-    assert neighbour_indices(i, 10, inputs, unusable) == expected
+    assert neighbour_indices(i, range(10), inputs, unusable) == expected
 
 
 def test_neighbours_of_bad_frames_get_their_pair_mode_result(tmp_path, fib25):
@@ -63,7 +63,7 @@ def test_neighbours_of_bad_frames_get_their_pair_mode_result(tmp_path, fib25):
             assert abs(psnr(out[k], clean[k]) - psnr(pair, clean[k])) <= 0.3, k
     np.testing.assert_array_equal(out[BLANK], stack[BLANK])  # no signal: a copy
     with tifffile.TiffFile(written[BLANK]) as tif:
-        described = json.loads(tif.pages[0].description)
+        described = read_provenance(tif.pages[0].description)
     assert described["unusable"].startswith("blank frame") and "not denoised" in described["what"]
     with tifffile.TiffFile(written[CUT]) as tif:
-        assert json.loads(tif.pages[0].description)["what"].startswith("denoised alone")
+        assert read_provenance(tif.pages[0].description)["what"].startswith("denoised alone")

@@ -49,9 +49,7 @@ def noisy(fib25: np.ndarray) -> dict[str, np.ndarray]:
     Poisson peak 1 is left out: its clipped images are binary, where bf16 already moves 1–3
     pixels in 62,500 by 2 grey levels on the CPU (tests/model/test_acceleration.py).
     """
-    return {
-        level: noisy_stack(fib25[0:5], level, seed=3) for level in ("poisson:4", "gaussian:25")
-    }
+    return {level: noisy_stack(fib25[0:5], level, seed=3) for level in ("poisson:4", "gaussian:25")}
 
 
 def inputs(stack: np.ndarray, j: int, mode: str) -> tuple[np.ndarray, list[np.ndarray]]:

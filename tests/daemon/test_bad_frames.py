@@ -4,7 +4,6 @@ SQLite file and a real (tiny) NRRN on the CPU."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
 import numpy as np
@@ -15,6 +14,7 @@ from typer.testing import CliRunner
 
 from nrrn_daemon.cli.app import app
 from nrrn_daemon.daemon.loop import Daemon
+from nrrn_daemon.imaging.provenance import read_provenance
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.sim.microscope import Microscope
@@ -87,7 +87,7 @@ def test_bad_frames_are_never_neighbours_and_are_still_written(
     assert blank["mode"] == "copy"
     np.testing.assert_array_equal(tifffile.imread(blank["path"]), stack[BLANK])
     with tifffile.TiffFile(blank["path"]) as tif:
-        described = json.loads(tif.pages[0].description)
+        described = read_provenance(tif.pages[0].description)
     assert described["unusable"].startswith("blank frame")
     assert "not denoised" in described["what"]
     for k in (CUT, UNRELATED):  # they have signal: denoised alone
