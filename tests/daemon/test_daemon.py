@@ -282,7 +282,7 @@ def test_a_really_full_output_disk_keeps_the_slices_ready_until_space_is_freed(
     assert len(outs) == 3
     assert sorted(p.name for p in out.iterdir()) == sorted(outs)
     for rec in outs.values():
-        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
+        assert files.sha256_file(Path(rec["path"])) == rec["sha"]
 
 
 def store_reasons(db: Path) -> str:
@@ -326,7 +326,7 @@ def test_a_full_disk_under_the_database_stops_cleanly_and_loses_nothing(
     outs = current_outputs(profile.store.database)
     assert sorted(outs) == [NAME.format(k) for k in range(5)]
     for rec in outs.values():
-        assert imageio.sha256_file(Path(rec["path"])) == rec["sha"]
+        assert files.sha256_file(Path(rec["path"])) == rec["sha"]
 
 
 def test_status_reads_while_the_daemon_runs(tmp_path, tiny_checkpoint, volume):
