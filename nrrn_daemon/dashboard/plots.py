@@ -51,7 +51,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     raw = (hi - lo) / max(1, count)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    # the slack absorbs float rounding of lo / step only (1e-9 of a step hid a value below 0)
+    first, last = math.floor(lo / step + 1e-12), math.ceil(hi / step - 1e-12)
     return [round(k * step, 10) for k in range(first, last + 1)]
 
 
