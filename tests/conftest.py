@@ -169,3 +169,23 @@ def _no_thread_leaks():
             break
         time.sleep(0.05)
     assert not leaked, f"test left threads running: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def share(tmp_path: Path):
+    """A real FUSE folder (``tests/stallfs.py``) that stops answering on demand, mounted at
+    ``tmp_path / "mnt"``; skips where FUSE cannot be mounted here."""
+    from stallfs import StalledShare
+
+    why = StalledShare.unavailable()
+    if why is not None:
+        pytest.skip(f"no hung share can be made here: {why}")
+    (tmp_path / "server").mkdir()
+    (tmp_path / "mnt").mkdir()
+    stalled = StalledShare(tmp_path / "server", tmp_path / "mnt", tmp_path / "stalled")
+    try:
+        stalled.mount()
+    except OSError as exc:
+        pytest.skip(f"cannot mount FUSE here: {exc}")
+    yield stalled
+    stalled.unmount()

@@ -20,7 +20,6 @@ from nrrn_daemon import files
 from nrrn_daemon.daemon import loop as daemon_mod
 from nrrn_daemon.daemon.loop import Daemon
 from nrrn_daemon.errors import NRRNError
-from nrrn_daemon.imaging import tiff as imageio
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.sim.microscope import Microscope, encode_tiff, write_slowly
 from nrrn_daemon.store.store import Store

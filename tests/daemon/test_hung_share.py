@@ -1,4 +1,4 @@
-"""The daemon beside a hung share: a real FUSE folder that stops answering (tests/watch/stallfs.py).
+"""The daemon beside a hung share: a real FUSE folder that stops answering (tests/stallfs.py).
 
 While the watch folder hangs, the loop goes on: the heartbeat is written, ``status`` says
 "watch folder ... not answering for N s", a stop request ends the daemon within 10 s; when the
@@ -7,36 +7,15 @@ folder answers again the slices written meanwhile are denoised without a restart
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_daemon import NAME, Running, make_profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "watch"))
-from stallfs import StalledShare  # noqa: E402
-from test_daemon import NAME, Running, make_profile  # noqa: E402
-
-from nrrn_daemon.sim.microscope import Microscope  # noqa: E402
-from nrrn_daemon.store.store import Store  # noqa: E402
+from nrrn_daemon.sim.microscope import Microscope
+from nrrn_daemon.store.store import Store
 
 pytestmark = pytest.mark.mounts
-
-
-@pytest.fixture
-def share(tmp_path: Path) -> Iterator[StalledShare]:
-    why = StalledShare.unavailable()
-    if why is not None:
-        pytest.skip(f"no hung share can be made here: {why}")
-    (tmp_path / "server").mkdir()
-    (tmp_path / "mnt").mkdir()
-    share = StalledShare(tmp_path / "server", tmp_path / "mnt", tmp_path / "stalled")
-    try:
-        share.mount()
-    except OSError as exc:
-        pytest.skip(f"cannot mount FUSE here: {exc}")
-    yield share
-    share.unmount()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ kernel, as on an SMB/NFS share whose server went away, until the file system ans
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,6 @@ from test_watcher import GLOB, make_watcher, slice_name, tiff_bytes
 from nrrn_daemon.watch.worker import PollWorker
 
 pytestmark = pytest.mark.mounts
-
-
-@pytest.fixture
-def share(tmp_path: Path) -> Iterator[StalledShare]:
-    why = StalledShare.unavailable()
-    if why is not None:
-        pytest.skip(f"no hung share can be made here: {why}")
-    (tmp_path / "server").mkdir()
-    (tmp_path / "mnt").mkdir()
-    share = StalledShare(tmp_path / "server", tmp_path / "mnt", tmp_path / "stalled")
-    try:
-        share.mount()
-    except OSError as exc:
-        pytest.skip(f"cannot mount FUSE here: {exc}")
-    yield share
-    share.unmount()
 
 
 class Clock:
