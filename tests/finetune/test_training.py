@@ -227,12 +227,14 @@ def test_on_adjacent_slices_the_plain_loss_beats_eq3_at_light_noise(fib25: np.nd
     checkpoint fine-tuned the same way with each loss on real FIB-25 slices (10 nm apart) with
     light noise (σ 25). Eq. 3's last term pays each branch for extrapolating towards the
     neighbour it did not see, which amplifies the noise: its output moves away from the clean
-    slice by more than a dB, while without that term it stays where the base was."""
+    slice, while without that term it stays where the base was."""
     # Held-out slices (FIB-25 z = 200–215; the base never saw z ≥ 200). Measured with this exact
-    # run: base 29.56, plain 29.28 (−0.28), eq. 3 25.34 dB (−4.22; plain − eq. 3 = +3.94). The
-    # bounds keep half of each measured margin for another CPU's rounding (bf16 or not): eq. 3
-    # loses more than 2 dB, the plain loss less than 2 dB less than that, i.e. it stays within
-    # ~1 dB of the base where eq. 3 drops four.
+    # run before neighbour alignment (issue 12): base 29.56, plain 29.28, eq. 3 25.34 dB (−4.22).
+    # With alignment in training crops and in the Denoiser (the drift eq. 3's last term feeds on
+    # is partly undone) the same run measures base 29.53, plain 29.64 (+0.11), eq. 3 28.50 dB
+    # (−1.03; plain − eq. 3 = +1.14). The bounds keep half of each measured margin for another
+    # CPU's rounding: eq. 3 loses more than 0.5 dB, the plain loss beats it by more than 0.5 dB
+    # and stays within 1 dB of the base.
     clean = fib25[0:16, 40:168, 40:168]
     noisy = _gaussian(clean, 25.0, seed=2)
     base = load_checkpoint(None)
@@ -250,6 +252,6 @@ def test_on_adjacent_slices_the_plain_loss_beats_eq3_at_light_noise(fib25: np.nd
             steps=80, patch=64, batch=8, device="cpu", validation_fraction=0, loss=loss
         )
         scores[loss] = score(train([noisy], settings, init=base)[0])
-    assert scores["eq3"] < scores["base"] - 2.0, scores  # eq. 3 damages a good model
-    assert scores["plain"] > scores["eq3"] + 2.0, scores  # the plain loss much less
+    assert scores["eq3"] < scores["base"] - 0.5, scores  # eq. 3 damages a good model
+    assert scores["plain"] > scores["eq3"] + 0.5, scores  # the plain loss does not
     assert scores["plain"] > scores["base"] - 1.0, scores

@@ -155,54 +155,6 @@ def test_a_start_after_a_kill_mid_compile_compiles_with_the_same_pixels(
     assert all(acceleration.elf_is_whole(p) for p in libraries(Path(first["cache"])))
 
 
-RETRY = r"""
-import json, logging, sys
-from pathlib import Path
-import numpy as np, torch
-from torch._inductor.utils import clear_caches
-from nrrn_daemon.model import acceleration
-from nrrn_daemon.model.checkpoints import Checkpoint, Normalisation
-from nrrn_daemon.model.denoise import Denoiser
-from nrrn_daemon.model.nrrn import NRRN
-
-logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-torch.set_num_threads(1)
-torch.manual_seed(0)
-ckpt = Checkpoint.from_model(NRRN(1, 4), Normalisation("slice"))
-rng = np.random.default_rng(1)
-images = [rng.integers(0, 255, (40, 48), dtype=np.uint8) for _ in range(3)]
-first = Denoiser(ckpt, device="cpu", tile=None, precision="float32", compile="on")
-first.warm_up()
-before = first.denoise(images[0], images[1:])
-cut = 0
-for lib in Path(acceleration.compile_cache_dir()).rglob("*.so"):  # damaged under a live process
-    lib.write_bytes(b"")
-    cut += 1
-clear_caches()  # as in a new process: nothing compiled in memory, only the cache on disk
-torch._dynamo.reset()
-second = Denoiser(ckpt, device="cpu", tile=None, precision="float32", compile="on")
-second.warm_up()
-after = second.denoise(images[0], images[1:])
-print(json.dumps({"cut": cut, "compiled": second.compiled,
-                  "failure": acceleration.compile_failure(),
-                  "same": bool(np.array_equal(before, after))}))
-"""
-
-
-@needs_cc
-def test_a_compile_failing_on_a_damaged_entry_clears_the_cache_and_compiles_again(
-    tmp_path: Path,
-) -> None:
-    """The heal at start cannot see damage made later; the retry catches the real load error."""
-    env = dict(os.environ, NRRN_COMPILE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    done = subprocess.run([sys.executable, "-c", RETRY], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    if report["failure"] is not None and "damaged" not in done.stderr:
-        pytest.skip(f"torch.compile cannot run here: {report['failure']}")
-    assert report["cut"] > 0
-    if "is damaged" in done.stderr:  # inductor loaded a cut library: the retry path ran
-        assert "cleared it, compiling again" in done.stderr
-    assert report["compiled"] and report["failure"] is None, done.stderr[-3000:]
-    assert report["same"], "same pixels after the recompilation"
+# The retry after a compile that fails on a damaged entry (acceleration's second line of defence)
+# has no test: damaging a kernel library the same process has loaded kills it (SIGBUS) before
+# the retry can run, so only the start-up heal above and the error classification are shown.
