@@ -34,7 +34,7 @@ import torch
 from nrrn_daemon.evaluation.metrics import psnr
 from nrrn_daemon.files import sha256_file
 from nrrn_daemon.finetune.training import TrainSettings, train
-from nrrn_daemon.model.checkpoints import Checkpoint, save_checkpoint
+from nrrn_daemon.model.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.model.devices import cpu_model
 from nrrn_daemon.model.nrrn import NRRNConfig
@@ -93,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--loss", default="auto", help="auto (plain for adjacent slices), plain or eq3."
+        "--loss", default="auto", help="auto (plain for adjacent slices), plain, eq3 or centre."
+    )
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="Start from this checkpoint (a paper-network init warm-starts a blind one).",
     )
     parser.add_argument("--out", type=Path, default=ASSETS / "base.pt", help="Checkpoint to write.")
     args = parser.parse_args(argv)
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         validation_every=150,
         loss=args.loss,
     )
-    config = NRRNConfig(blocks=4, features=32)
+    init = load_checkpoint(args.init) if args.init else None
+    config = init.config if init else NRRNConfig(blocks=4, features=32)
     started = time.time()
     last_print = [0.0]
 
@@ -132,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         f"training {config} on z < {TRAIN_END} of {args.volume} for {args.minutes} min", flush=True
     )
     ckpt, result = train(
-        [volume[:VALIDATION_END]], settings, config, on_progress=report, noise=mixed_noise
+        [volume[:VALIDATION_END]],
+        settings,
+        None if init else config,
+        init=init,
+        on_progress=report,
+        noise=mixed_noise,
     )
     print(
         f"{result.steps} steps in {result.seconds:.0f} s; validation loss "
@@ -146,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(ckpt, args.out)
     info = {
-        "what": "nrrn-daemon base checkpoint: NRRN 4 BU x 32 features, slice normalisation",
+        "what": f"nrrn-daemon base checkpoint: NRRN {ckpt.config.blocks} BU x "
+        f"{ckpt.config.features} features{' (blind-spot)' if ckpt.config.blind else ''}, "
+        f"'{result.loss}' loss, slice normalisation",
+        "init": None if init is None else {"file": str(args.init), "sha256": init.content_sha256},
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "data": {
             "file": str(args.volume),
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             "for the quality benchmark",
         },
         "noise_protocol": NOISE_PROTOCOL,
-        "config": config.to_dict(),
+        "config": ckpt.config.to_dict(),
         "normalisation": ckpt.normalisation.to_dict(),
         "settings": ckpt.summary["settings"],
         "steps": result.steps,
