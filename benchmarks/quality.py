@@ -66,13 +66,25 @@ from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.model.devices import cpu_model
 from nrrn_daemon.sim.noise import PROTOCOL_LEVELS, noisy_stack, parse_spec, to_dtype
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ceiling import train_supervised  # noqa: E402 - the sibling benchmark module
+
 DEFAULT_VOLUME = Path(__file__).resolve().parents[2] / "shared/data/fib25/fib25_sample1_250.tif"
 HELD_OUT_FROM = 200
 """First slice the base checkpoint never saw (train z < 170, validation 170–199)."""
 TARGET_MARGIN_DB = 1.0
 """The goal: best NRRN at least this much PSNR above the best classical method."""
 NRRN_BASE, NRRN_FT, NRRN_PREVIOUS = "nrrn-base", "nrrn-finetuned", "nrrn-previous"
-LOSS_NAMES = {"plain": "plain", "eq3": "eq. 3"}
+NRRN_CEILING = "nrrn-supervised"
+DRIFT_ALIGNED, DRIFT_RAW = "drift-aligned", "drift-unaligned"
+LOSS_NAMES = {"plain": "plain", "eq3": "eq. 3", "centre": "centre"}
+NOT_IN_MARGIN = (NRRN_PREVIOUS, NRRN_CEILING, DRIFT_ALIGNED, DRIFT_RAW)
+"""Columns scored for comparison only: the best NRRN for the margin is never one of these."""
+
+
+def candidate(name: str) -> str:
+    """The result key of a ``--candidate NAME=PATH`` checkpoint."""
+    return f"nrrn-{name}"
 
 
 def finetuned(loss: str) -> str:
@@ -113,6 +125,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--previous-checkpoint", type=Path, default=None, help="Also score this one (no margin)."
     )
     p.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="Another base checkpoint, scored and counted in the margin (repeatable).",
+    )
+    p.add_argument(
+        "--finetune-from",
+        default="base",
+        help="Which checkpoint the fine-tunes start from: 'base' or a --candidate NAME.",
+    )
+    p.add_argument(
+        "--supervised-steps",
+        type=int,
+        default=0,
+        help="Also train the supervised ceiling (clean targets) for N steps (0: skip).",
+    )
+    p.add_argument(
+        "--supervised-from",
+        type=Path,
+        default=None,
+        help="Checkpoint the ceiling starts from (default: --checkpoint).",
+    )
+    p.add_argument(
+        "--drift",
+        type=float,
+        default=0.0,
+        help="Also score --checkpoint on a copy drifted by a random walk of this σ (px) per "
+        "slice, with and without alignment (0: skip).",
+    )
+    p.add_argument("--per-unit", action="store_true", help="PSNR/SSIM after every building unit.")
+    p.add_argument(
         "--bm3d-slices", type=int, default=8, help="Evaluate BM3D on N eval slices (0 = all)."
     )
     p.add_argument("--tile", type=int, default=0, help="Denoiser tile (0: whole slice).")
@@ -126,6 +170,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except Exception as exc:  # InputError with a clear message
             p.error(str(exc))
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    candidates = {}
+    for item in args.candidate:
+        name, _, path = item.partition("=")
+        if not name or not path or not name.replace("-", "").isalnum():
+            p.error(f"--candidate {item!r}: expected NAME=PATH (NAME of letters, digits, -)")
+        candidates[name] = Path(path)
+    args.candidate = candidates
+    if args.finetune_from != "base" and args.finetune_from not in candidates:
+        p.error(f"--finetune-from {args.finetune_from!r}: 'base' or one of {sorted(candidates)}")
     args.finetune_losses = [x.strip() for x in args.finetune_losses.split(",") if x.strip()]
     if not args.finetune_losses or set(args.finetune_losses) - set(LOSS_NAMES):
         p.error(f"--finetune-losses: choose from {', '.join(LOSS_NAMES)}")
@@ -172,6 +225,30 @@ def nrrn_scores(
     }
 
 
+def drifted(
+    volume: np.ndarray, sigma: float, seed: int, first: int, count: int
+) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """A copy of ``volume`` whose slices ``first … first+count−1`` drift by a random walk.
+
+    Each slice is moved from the previous one's position by a shift drawn from N(0, σ²) per
+    axis (sub-pixel, cubic spline, edges repeated), as a FIB-SEM stack drifts between
+    acquisitions; slices outside the block are left alone. Returns the copy and the absolute
+    ``(dy, dx)`` of each block slice.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed + 7919)
+    out = volume.copy()
+    position = np.zeros(2)
+    shifts = []
+    for z in range(first, first + count):
+        position = position + rng.normal(0.0, sigma, size=2)
+        moved = ndimage.shift(volume[z].astype(np.float32), position, order=3, mode="nearest")
+        out[z] = np.clip(np.rint(moved), 0, 255).astype(np.uint8)
+        shifts.append((float(position[0]), float(position[1])))
+    return out, shifts
+
+
 def run_level(
     spec: str,
     volume: np.ndarray,
@@ -180,7 +257,10 @@ def run_level(
     eval_zs: list[int],
     bm3d_zs: list[int],
     previous: Checkpoint | None = None,
+    candidates: dict[str, Checkpoint] | None = None,
+    supervised_init: Checkpoint | None = None,
 ) -> dict[str, Any]:
+    candidates = candidates or {}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     noisy = noisy_stack(volume, spec, seed=args.seed)
@@ -211,6 +291,7 @@ def run_level(
 
     tile = args.tile or None
     models = [(NRRN_BASE, base)] + ([(NRRN_PREVIOUS, previous)] if previous else [])
+    models += [(candidate(name), ckpt) for name, ckpt in candidates.items()]
     for key, ckpt in models:
         t0 = time.perf_counter()
         per_slice[key] = nrrn_scores(ckpt, noisy, volume, eval_zs, tile)
@@ -236,7 +317,8 @@ def run_level(
             loss=loss,
         )
         t0 = time.perf_counter()
-        ckpt, report = train([block], settings, init=base)
+        start_from = base if args.finetune_from == "base" else candidates[args.finetune_from]
+        ckpt, report = train([block], settings, init=start_from)
         timings[f"{key}_train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         per_slice[key] = nrrn_scores(ckpt, noisy, volume, eval_zs, tile)
@@ -256,6 +338,65 @@ def run_level(
             flush=True,
         )
 
+    block = slice(args.first, args.first + args.slices)
+    supervised: dict[str, Any] = {}
+    if args.supervised_steps and supervised_init is not None:
+        ceiling, supervised = train_supervised(
+            supervised_init,
+            noisy[block],
+            volume[block],
+            steps=args.supervised_steps,
+            patch=args.finetune_patch,
+            batch=args.finetune_batch,
+            lr=args.finetune_lr,
+            seed=args.seed,
+        )
+        per_slice[NRRN_CEILING] = nrrn_scores(ceiling, noisy, volume, eval_zs, tile)
+        print(
+            f"  {NRRN_CEILING:<14} {mean_of(per_slice[NRRN_CEILING])['psnr']:.2f} dB  "
+            f"({args.supervised_steps} steps in {supervised['seconds']:.0f} s)",
+            flush=True,
+        )
+
+    drift: dict[str, Any] = {}
+    if args.drift > 0:
+        drifted_clean, shifts = drifted(volume, args.drift, args.seed, args.first, args.slices)
+        drifted_noisy = noisy_stack(drifted_clean, spec, seed=args.seed)
+        for key, align in ((DRIFT_ALIGNED, True), (DRIFT_RAW, False)):
+            den = Denoiser(base, device="cpu", tile=tile, align=align)
+            per_slice[key] = {
+                z: score(
+                    den.denoise(drifted_noisy[z], [drifted_noisy[z - 1], drifted_noisy[z + 1]]),
+                    drifted_clean[z],
+                )
+                for z in eval_zs
+            }
+            print(f"  {key:<14} {mean_of(per_slice[key])['psnr']:.2f} dB", flush=True)
+        steps = np.diff(np.array(shifts), axis=0)
+        drift = {
+            "sigma_px": args.drift,
+            "mean_neighbour_shift_px": float(np.mean(np.hypot(steps[:, 0], steps[:, 1]))),
+            "loss_aligned_db": mean_of(per_slice[NRRN_BASE])["psnr"]
+            - mean_of(per_slice[DRIFT_ALIGNED])["psnr"],
+            "loss_unaligned_db": mean_of(per_slice[NRRN_BASE])["psnr"]
+            - mean_of(per_slice[DRIFT_RAW])["psnr"],
+        }
+
+    per_unit: list[dict[str, float]] = []
+    if args.per_unit:
+        den = Denoiser(base, device="cpu", tile=None)
+        rows: list[list[tuple[float, float]]] = []
+        for z in eval_zs:
+            images = den.unit_estimates(noisy[z], [noisy[z - 1], noisy[z + 1]])
+            rows.append([score(im, volume[z]) for im in images])
+        per_unit = [
+            {
+                "psnr": float(np.mean([r[k][0] for r in rows])),
+                "ssim": float(np.mean([r[k][1] for r in rows])),
+            }
+            for k in range(len(rows[0]))
+        ]
+
     means = {name: mean_of(scores) for name, scores in per_slice.items()}
     margin = compare(per_slice, means, args.methods)
     return {
@@ -267,6 +408,9 @@ def run_level(
         },
         "tuned": tuned,
         "finetune": finetune,
+        "supervised": supervised,
+        "drift": drift,
+        "per_unit": per_unit,
         "margin": margin,
         "timings_s": timings,
     }
@@ -278,7 +422,7 @@ def compare(
     methods: list[str],
 ) -> dict[str, Any]:
     """Best NRRN (by mean PSNR) minus each classical method, on the slices both were scored on."""
-    nrrn = [n for n in per_slice if n == NRRN_BASE or n.startswith(NRRN_FT)]
+    nrrn = [n for n in per_slice if n.startswith("nrrn-") and n not in NOT_IN_MARGIN]
     best_nrrn = max(nrrn, key=lambda n: means[n]["psnr"])
     diffs: dict[str, dict[str, float]] = {}
     for m in methods:
@@ -314,10 +458,15 @@ def budget(args: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     args = result["settings"]
     cols = ["noisy", *args["methods"], NRRN_BASE]
+    cols += [candidate(name) for name in args.get("candidate", {})]
     if args.get("previous_checkpoint"):
         cols.append(NRRN_PREVIOUS)
     if any(lv["finetune"] for lv in result["levels"]):
         cols += [finetuned(loss) for loss in args["finetune_losses"]]
+    if any(lv.get("supervised") for lv in result["levels"]):
+        cols.append(NRRN_CEILING)
+    if any(lv.get("drift") for lv in result["levels"]):
+        cols += [DRIFT_ALIGNED, DRIFT_RAW]
     names = {
         "noisy": "noisy",
         "gauss-avg": "Gaussian (avg)",
@@ -326,6 +475,11 @@ def markdown(result: dict[str, Any]) -> str:
         "bm3d": "BM3D" + (" †" if args["bm3d_slices"] else ""),
         NRRN_BASE: "NRRN base",
         NRRN_PREVIOUS: "NRRN previous base",
+        "gauss-reg": "Gaussian (registered avg)",
+        NRRN_CEILING: "supervised ceiling",
+        DRIFT_ALIGNED: "drifted, aligned",
+        DRIFT_RAW: "drifted, not aligned",
+        **{candidate(name): f"NRRN {name}" for name in args.get("candidate", {})},
         **{finetuned(k): f"NRRN fine-tuned ({v})" for k, v in LOSS_NAMES.items()},
     }
     lines = [
@@ -372,6 +526,49 @@ def markdown(result: dict[str, Any]) -> str:
             )
             + "."
         )
+    sup = [lv for lv in result["levels"] if lv.get("supervised")]
+    if sup:
+        notes.append(
+            "Supervised ceiling: the same network from "
+            f"{args.get('supervised_from') or 'the checkpoint'}, {args['supervised_steps']} "
+            "steps on the noisy block with the clean centre as "
+            "target (same crops, batch, lr and schedule as the fine-tunes); comparison only."
+        )
+    dr = [lv for lv in result["levels"] if lv.get("drift")]
+    if dr:
+        notes.append(
+            f"Drift: the block drifted by a random walk of σ {args['drift']:g} px per slice "
+            "(mean neighbour shift "
+            + ", ".join(
+                f"{lv['level']} {lv['drift']['mean_neighbour_shift_px']:.2f} px" for lv in dr
+            )
+            + "), scored with NRRN base against the drifted clean slices; loss against the "
+            "undrifted stack, aligned / not aligned: "
+            + ", ".join(
+                f"{lv['level']} {lv['drift']['loss_aligned_db']:+.2f} / "
+                f"{lv['drift']['loss_unaligned_db']:+.2f} dB"
+                for lv in dr
+            )
+            + "."
+        )
+    pu = [lv for lv in result["levels"] if lv.get("per_unit")]
+    if pu:
+        units = len(pu[0]["per_unit"])
+        notes += [
+            "",
+            "NRRN base after each building unit (PSNR / SSIM; the last column is the output "
+            "before the posterior step, paper Fig. 5):",
+            "",
+            "| level | " + " | ".join(f"BU {k + 1}" for k in range(units - 1)) + " | output |",
+            "|---|" + "---|" * units,
+        ]
+        for lv in pu:
+            notes.append(
+                f"| {lv['level']} | "
+                + " | ".join(f"{u['psnr']:.2f} / {u['ssim']:.3f}" for u in lv["per_unit"])
+                + " |"
+            )
+        notes.append("")
     notes.append(
         f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}, "
         f"OMP_NUM_THREADS={m['omp_num_threads']}), {m['platform']}; torch {m['torch']}, "
@@ -409,6 +606,12 @@ def main(argv: list[str] | None = None) -> int:
         bm3d_zs = eval_zs
     base = load_checkpoint(args.checkpoint)
     previous = load_checkpoint(args.previous_checkpoint) if args.previous_checkpoint else None
+    candidates = {name: load_checkpoint(path) for name, path in args.candidate.items()}
+    supervised_init = (
+        (load_checkpoint(args.supervised_from) if args.supervised_from else base)
+        if args.supervised_steps
+        else None
+    )
     print(
         f"checkpoint {args.checkpoint or 'base'} ({base.short_sha}); eval z = "
         f"{eval_zs[0]}–{eval_zs[-1]}, tuning z = {args.tune_slice}",
@@ -419,11 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.levels:
         print(f"{spec}:", flush=True)
         t0 = time.perf_counter()
-        lv = run_level(spec, volume, base, args, eval_zs, bm3d_zs, previous)
+        lv = run_level(
+            spec, volume, base, args, eval_zs, bm3d_zs, previous, candidates, supervised_init
+        )
         lv["timings_s"]["level_s"] = time.perf_counter() - t0
         levels.append(lv)
 
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = json.loads(json.dumps(vars(args), default=str))  # paths as text
     result = {
         "what": "denoising quality, EPFL-style synthetic noise on FIB-25 (held-out z >= 200)",
         "command": command_line(argv),

@@ -70,7 +70,8 @@ def train(
         typer.Option(
             help="eq3: the paper's; plain: eq. 3 without its last term; centre: the "
             "blind-spot network scored against the centre slice itself. "
-            "auto: plain for adjacent slices, eq3 for --repeat-scans."
+            "auto: centre for a blind-spot --init, else plain for adjacent slices, eq3 for "
+            "--repeat-scans."
         ),
     ] = LossChoice.auto,
 ) -> None:

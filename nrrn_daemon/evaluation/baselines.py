@@ -8,6 +8,8 @@ slice alone:
 method         denoiser                                                         parameter (grid)
 =============  ===============================================================  ===================
 ``gauss-avg``  :func:`scipy.ndimage.gaussian_filter`                            σ in px
+``gauss-reg``  the same, on the average of the *registered* slices                σ in px
+               (:func:`registered_average`: drift-compensated)
 ``median-avg`` :func:`scipy.ndimage.median_filter`, square window               window side in px
 ``nlm-avg``    :func:`skimage.restoration.denoise_nl_means`, fast mode,          h as a multiple of
                5×5 patches, 13×13 search, ``sigma`` = estimated noise σ          the estimated σ
@@ -39,6 +41,7 @@ from scipy import ndimage
 
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.evaluation.metrics import estimate_noise, psnr
+from nrrn_daemon.imaging.alignment import align_neighbours
 
 Filter = Callable[[np.ndarray, float], np.ndarray]
 
@@ -62,6 +65,21 @@ def three_slice_average(stack: np.ndarray, z: int) -> np.ndarray:
     z = _check_z(stack, z)
     lo, hi = max(z - 1, 0), min(z + 2, len(stack))
     return stack[lo:hi].astype(np.float64).mean(axis=0)
+
+
+def registered_average(stack: np.ndarray, z: int) -> np.ndarray:
+    """:func:`three_slice_average` after registering the neighbours onto slice ``z``.
+
+    The classical drift-compensated baseline (every vEM pipeline registers the stack first):
+    each neighbour's sub-pixel shift against the centre is estimated and undone with
+    :func:`~nrrn_daemon.imaging.alignment.align_neighbours`, the same registration the
+    Denoiser uses, then the three slices are averaged.
+    """
+    stack = _check_stack(stack)
+    z = _check_z(stack, z)
+    neighbours = [stack[i] for i in (z - 1, z + 1) if 0 <= i < len(stack)]
+    aligned, _shifts = align_neighbours(stack[z], neighbours)
+    return np.mean([stack[z].astype(np.float64), *(a.astype(np.float64) for a in aligned)], axis=0)
 
 
 def gaussian_denoise(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -124,12 +142,18 @@ class Method:
     """Parameter values :func:`best_of_grid` tries (σ px, window px, or a multiple of σ̂)."""
     parameter: str
     """What the parameter is, for reports."""
+    registered: bool = False
+    """With ``averaged``: register the neighbours onto the centre first
+    (:func:`registered_average`)."""
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("gauss-avg", gaussian_denoise, True, (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "sigma_px"),
+        Method(
+            "gauss-reg", gaussian_denoise, True, (0.5, 0.75, 1.0, 1.5, 2.0, 3.0), "sigma_px", True
+        ),
         Method("median-avg", median_denoise, True, (3, 5, 7, 9), "size_px"),
         Method("nlm-avg", nlm_denoise, True, (0.4, 0.6, 0.8, 1.0, 1.3), "h_over_sigma"),
         Method("bm3d", bm3d_denoise, False, (0.75, 1.0, 1.5), "sigma_over_estimate"),
@@ -181,7 +205,10 @@ def run_method(method: str, noisy_stack: np.ndarray, z: int, param: float) -> np
     m = get_method(method)
     stack = _check_stack(noisy_stack)
     z = _check_z(stack, z)
-    image = three_slice_average(stack, z) if m.averaged else stack[z].astype(np.float64)
+    if not m.averaged:
+        image = stack[z].astype(np.float64)
+    else:
+        image = registered_average(stack, z) if m.registered else three_slice_average(stack, z)
     return m.denoise(image, param)
 
 

@@ -25,7 +25,8 @@ neighbour it did not see, the paper's Noise2Noise pairing) and repeat scans with
 can be forced. Both train towards the *neighbours'* signal. ``centre``
 (:func:`~nrrn_daemon.model.nrrn.centre_loss`) trains the blind-spot network
 (:attr:`~nrrn_daemon.model.nrrn.NRRNConfig.blind`; a paper-network ``init`` warm-starts it) with
-the centre slice itself as target; ``auto`` does not pick it yet (BENCHMARKS §1). Validation
+the centre slice itself as target; ``auto`` picks it for a blind network, so fine-tunes of a
+blind base train with it (:func:`loss_for`). Validation
 uses the loss the model was trained with; the promotion gate uses the loss-neutral
 :func:`~nrrn_daemon.finetune.validation.centre_measure`.
 
@@ -84,9 +85,14 @@ CURVE_POINTS = 200
 LOSS_CHOICES = ("auto", *LOSSES)
 
 
-def loss_for(choice: str, repeat_scans: bool) -> str:
-    """The loss ``choice`` means: ``auto`` is ``eq3`` for repeat scans, else ``plain``."""
+def loss_for(choice: str, repeat_scans: bool, blind: bool = False) -> str:
+    """The loss ``choice`` means. ``auto`` follows the network: ``centre`` for a blind-spot
+    network (the only objective it was built for), else ``eq3`` for repeat scans and ``plain``
+    for adjacent slices. A fine-tune's network is its parent's, so which objective the daemon
+    uses is decided by which base checkpoint ships (BENCHMARKS §1)."""
     if choice == "auto":
+        if blind:
+            return "centre"
         return "eq3" if repeat_scans else "plain"
     return choice
 
@@ -310,7 +316,7 @@ def train(
     if init is not None and config is not None and config != init.config:
         raise ValueError(f"config {config} differs from the init checkpoint's {init.config}")
     config = init.config if init is not None else (config or NRRNConfig())
-    loss_name = loss_for(settings.loss, settings.repeat_scans)
+    loss_name = loss_for(settings.loss, settings.repeat_scans, blind=config.blind)
     if loss_name == "centre" and not config.blind:
         # The centre target needs the blind-spot network; a paper-network init warm-starts it.
         config = replace(config, blind=True)

@@ -54,6 +54,10 @@ def test_loss_choice_reaches_training_validation_and_the_checkpoint() -> None:
     assert loss_for("auto", repeat_scans=False) == "plain"
     assert loss_for("auto", repeat_scans=True) == "eq3"
     assert loss_for("eq3", repeat_scans=False) == "eq3"
+    # A blind-spot network is trained for the centre target; forcing another loss still works.
+    assert loss_for("auto", repeat_scans=False, blind=True) == "centre"
+    assert loss_for("auto", repeat_scans=True, blind=True) == "centre"
+    assert loss_for("plain", repeat_scans=False, blind=True) == "plain"
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainSettings(steps=1, loss="l1")
     stack = noisy_test_stack(n=12, size=40)
