@@ -133,8 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--finetune-from",
-        default="base",
-        help="Which checkpoint the fine-tunes start from: 'base' or a --candidate NAME.",
+        action="append",
+        default=[],
+        metavar="LOSS=NAME",
+        help="The fine-tune with LOSS starts from --candidate NAME (default: the base).",
     )
     p.add_argument(
         "--supervised-steps",
@@ -177,8 +179,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--candidate {item!r}: expected NAME=PATH (NAME of letters, digits, -)")
         candidates[name] = Path(path)
     args.candidate = candidates
-    if args.finetune_from != "base" and args.finetune_from not in candidates:
-        p.error(f"--finetune-from {args.finetune_from!r}: 'base' or one of {sorted(candidates)}")
+    starts = {}
+    for item in args.finetune_from:
+        loss, _, name = item.partition("=")
+        if loss not in LOSS_NAMES or (name != "base" and name not in candidates):
+            p.error(f"--finetune-from {item!r}: LOSS=NAME, NAME 'base' or a --candidate")
+        starts[loss] = name
+    args.finetune_from = starts
     args.finetune_losses = [x.strip() for x in args.finetune_losses.split(",") if x.strip()]
     if not args.finetune_losses or set(args.finetune_losses) - set(LOSS_NAMES):
         p.error(f"--finetune-losses: choose from {', '.join(LOSS_NAMES)}")
@@ -317,7 +324,8 @@ def run_level(
             loss=loss,
         )
         t0 = time.perf_counter()
-        start_from = base if args.finetune_from == "base" else candidates[args.finetune_from]
+        name = args.finetune_from.get(loss, "base")
+        start_from = base if name == "base" else candidates[name]
         ckpt, report = train([block], settings, init=start_from)
         timings[f"{key}_train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -328,6 +336,7 @@ def run_level(
             "seconds": report.seconds,
             "stopped_by": report.stopped_by,
             "train_triplets": report.train_triplets,
+            "from": args.finetune_from.get(loss, "base"),
             "loss_first": report.loss_curve[0][1] if report.loss_curve else None,
             "loss_last": report.loss_curve[-1][1] if report.loss_curve else None,
         }
@@ -514,13 +523,18 @@ def markdown(result: dict[str, Any]) -> str:
     ft = [lv["finetune"] for lv in result["levels"] if lv["finetune"]]
     if ft:
         notes.append(
-            f"Fine-tune: from the base checkpoint on the noisy block only (unsupervised), "
+            "Fine-tune: "
+            + ", ".join(
+                f"{LOSS_NAMES[loss]} from {args['finetune_from'].get(loss, 'base')}"
+                for loss in args["finetune_losses"]
+            )
+            + ", on the noisy block only (unsupervised), "
             f"{budget(args)} per level on the CPU, patch "
             f"{args['finetune_patch']}, batch {args['finetune_batch']}, "
             f"lr {args['finetune_lr']:g}, "
             f"no validation; steps per level and loss: "
             + ", ".join(
-                f"{lv['level']} {loss} {ft['steps']}"
+                f"{lv['level']} {loss} {ft['steps']} ({ft['seconds'] / 60:.1f} min)"
                 for lv in result["levels"]
                 for loss, ft in lv["finetune"].items()
             )
