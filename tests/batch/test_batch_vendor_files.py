@@ -177,3 +177,33 @@ def test_denoise_a_multipage_stack_every_reader_opens(tmp_path, tiny_checkpoint,
         assert page.photometric == first.photometric  # a grey-ramp palette stays a palette
         assert page.software == f"nrrn-daemon {__version__}"
         assert read_provenance(page.description) is not None
+
+
+@pytest.mark.usefixtures("zarr_io_threads")
+def test_reprocess_a_multipage_palette_stack_keeps_the_palette_on_every_page(tmp_path, cluster):
+    volume = np.stack([LAYOUTS["pil"].pixels(k) for k in range(4)])
+    _stack_palette(tmp_path / "stack.tif", volume)
+    ckpt = random_checkpoint(tmp_path / "tiny.pt")
+    with Store(tmp_path / "nrrn.sqlite") as store:
+        plan = plan_reprocess(
+            str(tmp_path / "stack.tif"), store, model=str(ckpt), output=tmp_path / "out",
+            zarr=tmp_path / "v.zarr", device="cpu",
+        )  # fmt: skip
+        summary = run_plan(plan, store, lambda: nullcontext(cluster))
+    assert not summary.failed and summary.recorded == len(volume)
+    denoised = OmeZarrVolume.open(tmp_path / "v.zarr").read(0)
+    outputs = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in outputs] == [f"stack_{z:04d}.tif" for z in range(len(volume))]
+    for z, out in enumerate(outputs):
+        pixels = read_all(out)  # tifffile, skimage, imageio and PIL: the same pixels
+        assert pixels.dtype == volume.dtype and pixels.shape == volume[z].shape
+        np.testing.assert_array_equal(pixels, denoised[z])
+        assert np.abs(pixels.astype(float) - volume[z]).mean() > 0.5, "page not denoised"
+        with tifffile.TiffFile(out) as tif:
+            page = tif.pages[0]
+            assert int(page.photometric) == 3  # palette, as the input's pages
+            np.testing.assert_array_equal(page.colormap, GREY_RAMP)
+            assert page.software == f"nrrn-daemon {__version__}"
+            assert read_provenance(page.description) is not None
+        with Image.open(out) as image:
+            assert image.mode == "P"  # PIL sees a palette image too
