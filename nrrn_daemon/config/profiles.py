@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +66,21 @@ def check_glob(value: str) -> str:
     return value
 
 
+def detector_glob(detector: str) -> str:
+    """The file name glob of an Auto Slice & View detector: ``"<detector> - ….tif"``, or with
+    '_' for its spaces ``"<detector>-S….tif"`` (``SEM_Image-SliceImage-001.tif``).
+
+    ``"SEM Image"`` gives ``"SEM[ _]Image[ -][-S]*.tif"``: the character after the name is " "
+    then "-", or "-" then the "S" of "SliceImage", so "SEM Image 2 - …" is not matched.
+    """
+    return detector.replace(" ", "[ _]") + "[ -][-S]*.tif"
+
+
+def _detector_samples(detector: str) -> tuple[str, str]:
+    """The two Auto Slice & View spellings of a detector's slice file name."""
+    return f"{detector} - SliceImage - 001.tif", f"{detector.replace(' ', '_')}-SliceImage-001.tif"
+
+
 def _is_within(inner: Path, outer: Path) -> bool:
     """Whether ``inner`` is ``outer`` or lies below it, after resolving both against the CWD."""
     inner, outer = inner.resolve(), outer.resolve()
@@ -111,6 +127,13 @@ class WatchSettings(BaseModel):
     with its own triplets, model and fine-tune, all in one daemon; the globs must not match the
     same files. Empty (the default): the folder is one data set, matched by `glob`."""
 
+    detectors: list[str] = []
+    """The short form of `channels` for Auto Slice & View, e.g. ["SEM Image", "SEM Image 2"]: each
+    detector is a channel of that name whose files are "<detector> - SliceImage - NNN.tif" (also
+    spelt with '_' for spaces, "SEM_Image-SliceImage-NNN.tif"), glob "<detector>[ -][-S]*.tif"
+    with "[ _]" for each space. Give `detectors` or `channels`, not both; two detectors whose
+    file names the globs cannot tell apart are refused."""
+
     rescan_interval_s: float = Field(default=60.0, ge=1, le=86400)
     """Seconds between two reconciliation scans of the whole folder, which stat every file and
     catch any file the observer missed (and, with "listing", files rewritten in place)."""
@@ -149,6 +172,45 @@ class WatchSettings(BaseModel):
             except ValueError as exc:
                 raise ValueError(f"channel {name!r}: {exc}") from None
         return value
+
+    @field_validator("detectors")
+    @classmethod
+    def _detectors_are_distinct_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not CHANNEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"detector name {name!r} must be letters, digits, spaces, '.', '_' or '-'"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"a detector is named twice in {value}")
+        for a in value:
+            for b in value:
+                clash = [
+                    n for n in _detector_samples(b) if a != b and fnmatchcase(n, detector_glob(a))
+                ]
+                if clash:
+                    raise ValueError(
+                        f"detectors {a!r} and {b!r} cannot be told apart by file name ({clash[0]!r}"
+                        f" matches {a!r}'s glob {detector_glob(a)!r}); give watch.channels globs"
+                        " instead"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _one_form_of_channels(self) -> WatchSettings:
+        if self.detectors and self.channels:
+            raise ValueError(
+                "watch.detectors and watch.channels both name the channels; give one of them"
+                f" (detectors = {self.detectors}, channels = {self.channels})"
+            )
+        return self
+
+    @property
+    def channel_globs(self) -> dict[str, str]:
+        """Channel name → file name glob, from `channels` or `detectors`; empty: no channels."""
+        if self.detectors:
+            return {name: detector_glob(name) for name in self.detectors}
+        return dict(self.channels)
 
     @field_validator("index_regex")
     @classmethod
@@ -476,12 +538,12 @@ class Profile(BaseModel):
                 f"store.database ({self.store.database}) is inside the watch folder ({watch}); "
                 "the watch folder is read-only to the daemon, choose another place"
             )
-        if len(self.watch.channels) > 1 and not {"name", "stem"} & naming_fields(
+        if len(self.watch.channel_globs) > 1 and not {"name", "stem"} & naming_fields(
             self.output.naming
         ):
             raise ValueError(
                 f"output.naming = {self.output.naming!r} would give the channels' slices the same"
-                " output names; use {name} or {stem} with several watch.channels"
+                " output names; use {name} or {stem} with several watch.channels or detectors"
             )
         if (
             self.grouping.mode == "repeat-scans"
@@ -499,9 +561,10 @@ class Profile(BaseModel):
         return self._source
 
     def for_channel(self, channel: str) -> Profile:
-        """This profile for one of its `watch.channels`: its glob, and its own live volume
-        (``<zarr stem>-<channel>.zarr``, spaces as '_')."""
-        watch = self.watch.model_copy(update={"glob": self.watch.channels[channel], "channels": {}})
+        """This profile for one of its channels (`watch.channels` or `watch.detectors`): its glob,
+        and its own live volume (``<zarr stem>-<channel>.zarr``, spaces as '_')."""
+        glob = self.watch.channel_globs[channel]
+        watch = self.watch.model_copy(update={"glob": glob, "channels": {}, "detectors": []})
         output = self.output
         if output.zarr is not None:
             slug = channel.replace(" ", "_")
