@@ -256,7 +256,8 @@ class ImageSettings(BaseModel):
     databar: Literal["auto", "none", "fei", "rows"] = "auto"
     """The information strip below the image, cropped before denoising and copied through
     unchanged: "auto" (where the file's metadata says the image ends: FEI [Image] ResolutionY
-    smaller than the image; else every row is image); "none" (every row is image); "fei"
+    smaller than the image; else every row is image: ZEISS metadata says nothing of its data
+    zone, crop that with "rows"); "none" (every row is image); "fei"
     (require the FEI metadata, keep [Image] ResolutionY rows); "rows" (`databar_rows` rows)."""
 
     databar_rows: int = Field(default=0, ge=0, le=65535)
