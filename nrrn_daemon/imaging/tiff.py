@@ -17,11 +17,11 @@ and written back with the same map. Any other palette is refused.
 Where the image ends (``databar="auto"``): FEI/Thermo Fisher metadata says it (``[Image]
 ResolutionY``, the image's height above the databar). ZEISS SmartSEM metadata (tag 34118,
 ``CZ_SEM``) does not. Its ``DP_IMAGE_STORE`` ("Store resolution = 1024 * 768") is the size of the
-whole page: the public ZEISS samples (rosettasciio's test files) are pages of exactly a store
-resolution (1024 × 768, 512 × 384, 2048 × 1536), and ``AP_HEIGHT`` is the store's rows times the
-pixel size. A data zone that SmartSEM burns in is drawn over the bottom rows of that image, and no
-tag gives its height. So under "auto" a ZEISS slice keeps every row; crop a data zone with
-``databar="rows"`` and its height.
+whole page: the public ZEISS samples (rosettasciio's test files) are pages of 1024 × 768,
+512 × 384 and 2048 × 1536 px, SmartSEM store resolutions, and a sample's ``AP_HEIGHT`` is the
+store's rows times the pixel size. A data zone that SmartSEM burns in is drawn over the bottom
+rows of that image, and no tag gives its height. So under "auto" a ZEISS slice keeps every row;
+crop a data zone with ``databar="rows"`` and its height.
 """
 
 from __future__ import annotations
