@@ -68,7 +68,8 @@ from speed import triplet, work  # noqa: E402
 from nrrn_daemon.config.loading import load_profile  # noqa: E402
 from nrrn_daemon.daemon.loop import Daemon  # noqa: E402
 from nrrn_daemon.finetune.training import TrainSettings, train  # noqa: E402
-from nrrn_daemon.imaging.tiff import read_slice, write_slice_atomic  # noqa: E402
+from nrrn_daemon.imaging.tiff import read_slice  # noqa: E402
+from nrrn_daemon.imaging.tiffwrite import write_slice_atomic  # noqa: E402
 from nrrn_daemon.model.checkpoints import (  # noqa: E402
     BASE_CHECKPOINT,
     Checkpoint,

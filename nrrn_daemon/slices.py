@@ -21,7 +21,8 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from nrrn_daemon.config.profiles import Profile, WatchSettings
+    from nrrn_daemon.config.profiles import Profile
+    from nrrn_daemon.config.watch import WatchSettings
 
 __all__ = ["NameRejected", "RejectReason", "SliceParser", "SliceRef", "last_number", "parse_slice"]
 

@@ -51,8 +51,13 @@ FEI_XML = (
 )
 ZEISS_TEXT = (
     b"0\r\n\r\nAP_PIXEL_SIZE\r\nPixel Size = 5.0 nm\r\nDP_DETECTOR\r\nDetector = InLens\r\n"
-    b"AP_WD\r\nWD = 5.1 mm\r\n\x00"
+    b"AP_WD\r\nWD = 5.1 mm\r\nDP_IMAGE_STORE\r\n"
+    + f"Store resolution = {WIDTH} * {HEIGHT}\r\n".encode()
+    + f"AP_HEIGHT\r\nHeight = {HEIGHT * 5.0:.1f} nm\r\n".encode()
+    + b"\x00"
 )
+"""SmartSEM's tag 34118 as real files have it: the store resolution is the whole page (a data
+zone, when SmartSEM burns one in, is drawn over the image's bottom rows; no tag says how high)."""
 TITAN = b"\x01\x02\x03\x04binary Helios G4 block\x00\xff"
 
 

@@ -26,7 +26,8 @@ from nrrn_daemon.files import safe_join
 from nrrn_daemon.frames import Verdict, judge_stack
 from nrrn_daemon.imaging.provenance import provenance_text
 from nrrn_daemon.imaging.stacks import Stack, read_stack
-from nrrn_daemon.imaging.tiff import read_slice, write_slice_atomic, write_stack
+from nrrn_daemon.imaging.tiff import read_slice
+from nrrn_daemon.imaging.tiffwrite import write_slice_atomic, write_stack
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.triplets import neighbour_indices
 
@@ -54,7 +55,8 @@ def denoise_stack(
     after the tail and the posterior step); files of the outputs' dtype.
 
     ``databar``/``databar_rows`` crop the microscope's info strip off per-slice files before
-    denoising and copy it through, as the daemon does (see :func:`imageio.read_slice`).
+    denoising and copy it through, as the daemon does (see
+    :func:`~nrrn_daemon.imaging.tiff.read_slice`).
     ``frames`` judges every slice first (None: every slice is a neighbour); ``on_unusable(name,
     reason)`` is told of each unusable one.
 

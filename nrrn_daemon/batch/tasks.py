@@ -34,8 +34,8 @@ from nrrn_daemon.errors import CheckpointError, NRRNError
 from nrrn_daemon.files import sha256_file
 from nrrn_daemon.imaging.omezarr import OmeZarrVolume
 from nrrn_daemon.imaging.provenance import description
-from nrrn_daemon.imaging.tiff import SliceImage, decode_page, open_tiff, read_slice
-from nrrn_daemon.imaging.tiff import write_slice_atomic as write_tiff
+from nrrn_daemon.imaging.tiff import SliceImage, open_tiff, page_image, read_slice
+from nrrn_daemon.imaging.tiffwrite import write_slice_atomic as write_tiff
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
 
@@ -190,7 +190,7 @@ def run_batch(tasks: list[SliceTask], job: JobSpec) -> list[SliceResult]:
     cache: ModelCache = worker.plugins[PLUGIN_NAME]
     denoiser = cache.denoiser(job)
     volume = cache.volume(job.zarr, max(t.z for t in tasks)) if job.zarr else None
-    images: dict[str, tuple[SliceImage | np.ndarray, str]] = {}
+    images: dict[str, tuple[SliceImage, str]] = {}
     results = []
     for task in tasks:
         needed = {task.centre.key, *(n.key for n in task.neighbours)}
@@ -210,7 +210,7 @@ def process_slice(
     job: JobSpec,
     denoiser: Denoiser,
     volume: OmeZarrVolume | None,
-    images: dict[str, tuple[SliceImage | np.ndarray, str]] | None = None,
+    images: dict[str, tuple[SliceImage, str]] | None = None,
 ) -> SliceResult:
     """Read, denoise and write one slice; ``images`` caches decoded inputs between slices."""
     images = {} if images is None else images
@@ -219,10 +219,9 @@ def process_slice(
     for source in (task.centre, *task.neighbours):
         if source.key not in images:
             images[source.key] = _read(source, job)
-    centre, centre_sha = images[task.centre.key]
-    pixels = centre.pixels if isinstance(centre, SliceImage) else centre
-    neighbours = [images[n.key][0] for n in task.neighbours]
-    neighbour_pixels = [n.pixels if isinstance(n, SliceImage) else n for n in neighbours]
+    centre = images[task.centre.key][0]
+    pixels = centre.pixels
+    neighbour_pixels = [images[n.key][0].pixels for n in task.neighbours]
     t1 = time.perf_counter()
     if task.mode == "copy":  # an unusable slice without signal: kept as it came
         denoised = np.array(pixels, copy=True)
@@ -234,14 +233,13 @@ def process_slice(
         "precision": denoiser.precision,
         "normalisation": denoiser.checkpoint.normalisation.to_dict(),
         "databar": job.databar, "databar_rows": job.databar_rows,
-        "inputs": len(neighbours) + 1, "reprocess": True,
+        "inputs": len(neighbour_pixels) + 1, "reprocess": True,
         **denoiser.provenance(),
     }  # fmt: skip
     pixels_sha = hashlib.sha256(np.ascontiguousarray(denoised).tobytes()).hexdigest()
     output_sha = None
     if task.tiff is not None:
-        image = centre if isinstance(centre, SliceImage) else _as_image(centre)
-        output_sha = write_tiff(Path(task.tiff), image, denoised, describe(task, job, denoiser))
+        output_sha = write_tiff(Path(task.tiff), centre, denoised, describe(task, job, denoiser))
     if volume is not None:
         volume.write_slice(task.z, denoised)
         settings["zarr"] = {"path": job.zarr, "z": task.z, "pixels_sha256": pixels_sha}
@@ -265,22 +263,15 @@ def describe(task: SliceTask, job: JobSpec, denoiser: Denoiser) -> str:
     )  # fmt: skip
 
 
-def _read(source: SliceSource, job: JobSpec) -> tuple[SliceImage | np.ndarray, str]:
-    """A slice file (databar split off) with the file's sha256, or a page with its pixels'."""
+def _read(source: SliceSource, job: JobSpec) -> tuple[SliceImage, str]:
+    """A slice file (databar split off) with the file's sha256, or a page of a stack (its
+    palette and photometric kept for its output) with its pixels' sha256."""
     path = Path(source.path)
     if source.page is None:
         return read_slice(path, job.databar, job.databar_rows), sha256_file(path)  # type: ignore[arg-type]
     with open_tiff(path) as tif:
-        page = decode_page(tif, source.page, path)
-    return page, hashlib.sha256(np.ascontiguousarray(page).tobytes()).hexdigest()
-
-
-def _as_image(pixels: np.ndarray) -> SliceImage:
-    """A page of a stack as a metadata-free slice for :func:`write_tiff`."""
-    return SliceImage(
-        pixels=pixels, databar=None, dtype=pixels.dtype, full_shape=pixels.shape,
-        tags=[], fei=None, description=None,
-    )  # fmt: skip
+        page = page_image(tif, source.page, path)
+    return page, hashlib.sha256(np.ascontiguousarray(page.pixels).tobytes()).hexdigest()
 
 
 def _failed(task: SliceTask, denoiser: Denoiser, why: str) -> SliceResult:

@@ -7,8 +7,9 @@ the docstring under it (``use_attribute_docstrings``);
 :func:`~nrrn_daemon.config.loading.profile_field_docs` exposes those docstrings so the README can
 be checked against them.
 
-This module is the schema. Finding, reading and listing profile files (:func:`load_profile`,
-:func:`list_profiles`, :func:`profile_search_path`) is :mod:`nrrn_daemon.config.loading`.
+This module is the schema (its ``[watch]`` table: :mod:`nrrn_daemon.config.watch`). Finding,
+reading and listing profile files (:func:`load_profile`, :func:`list_profiles`,
+:func:`profile_search_path`) is :mod:`nrrn_daemon.config.loading`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
 from nrrn_daemon.config import naming
 from nrrn_daemon.config.naming import naming_fields
+from nrrn_daemon.config.watch import STRICT, WatchSettings, expand_path
 
 __all__ = [
     "FinetuneSettings",
@@ -32,37 +34,10 @@ __all__ = [
     "OutputSettings",
     "Profile",
     "StoreSettings",
-    "WatchSettings",
 ]
 
 PROFILE_NAME = re.compile(r"^[a-z0-9_-]+$")
 """What a profile name may look like: it doubles as a file name, so it cannot escape a folder."""
-
-CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
-"""What a detector channel's name may look like (it names a data set and a volume)."""
-
-_STRICT = ConfigDict(
-    extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
-)
-
-
-def _expand(value: Any) -> Any:
-    """Expand ``~`` and ``$VARS`` in a path-like value; relative paths stay relative."""
-    if isinstance(value, (str, os.PathLike)):
-        return Path(os.path.expandvars(os.path.expanduser(os.fspath(value))))
-    return value
-
-
-def check_glob(value: str) -> str:
-    """Return ``value`` if it is a file name pattern, else raise ValueError saying why."""
-    if not value.strip():
-        raise ValueError("the glob is empty; give a file name pattern such as '*.tif'")
-    if "/" in value or "\\" in value:
-        raise ValueError(
-            "the glob is matched against file names only and must not contain '/' or '\\'; "
-            "use watch.folder and watch.recursive for folders"
-        )
-    return value
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -71,104 +46,10 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-class WatchSettings(BaseModel):
-    """Where the microscope writes its slices and how to recognise them."""
-
-    model_config = _STRICT
-
-    folder: Path = Path("/data/fibsem/incoming")
-    """The microscope's output folder. Read-only to the daemon: nothing is ever written there."""
-
-    glob: str = "*.tif"
-    """Shell pattern matched (case-sensitively) against file names only, never against folders."""
-
-    index_regex: str = r"(?P<index>\d+)\D*$"
-    """Regular expression searched in the file name; its named group `index` holds the slice
-    number (parsed as an integer). An optional group `scan` numbers repeated scans of one slice
-    and is required when `grouping.mode` is "repeat-scans"."""
-
-    recursive: bool = False
-    """Also watch the sub-folders of `folder`."""
-
-    observer: Literal["native", "polling", "listing"] = "native"
-    """"native" uses the OS notifications (inotify...); on network shares (CIFS/NFS), where
-    remote writes raise no notification, use "listing" (every `poll_interval_s`, read the
-    folder's file names and stat only new files: cheap on folders of many thousand slices; a
-    file rewritten in place under a known name is seen by the next reconciliation scan) or
-    "polling" (watchdog's polling observer, which stats every file every `poll_interval_s`)."""
-
-    poll_interval_s: float = Field(default=2.0, ge=0.1, le=600)
-    """Seconds between two looks at the folder by the "listing" or "polling" observer."""
-
-    settle_s: float = Field(default=2.0, ge=0, le=3600)
-    """A file counts as complete once its size and modification time stayed unchanged this many
-    seconds (and it decodes)."""
-
-    channels: dict[str, str] = {}
-    """Several detectors writing into one folder (Auto Slice & View's "SEM Image" and "SEM
-    Image 2"): channel name = file name glob, e.g. {"SEM Image" = "SEM Image - *.tif", "SEM
-    Image 2" = "SEM Image 2 - *.tif"}. Each channel is its own data set ("<folder> [<name>]")
-    with its own triplets, model and fine-tune, all in one daemon; the globs must not match the
-    same files. Empty (the default): the folder is one data set, matched by `glob`."""
-
-    rescan_interval_s: float = Field(default=60.0, ge=1, le=86400)
-    """Seconds between two reconciliation scans of the whole folder, which stat every file and
-    catch any file the observer missed (and, with "listing", files rewritten in place)."""
-
-    answer_timeout_s: float = Field(default=10.0, ge=0.1, le=3600)
-    """Seconds a look at the folder (listing, stat, reconciliation scan: run beside the daemon
-    loop, never in it) may take before the folder is reported "not answering" in the log and in
-    `status` (a hung network share). Denoising, the heartbeat and stopping go on meanwhile, and
-    watching resumes by itself when the folder answers."""
-
-    follow_links: bool = False
-    """Read a slice whose real path lies outside `folder` (a symbolic link out of it, or a
-    `..` through a mount). By default such a file is never opened: it is recorded as failed
-    with the link's target, so a link to someone else's data is not denoised into the output."""
-
-    @field_validator("folder", mode="before")
-    @classmethod
-    def _expand_folder(cls, value: Any) -> Any:
-        return _expand(value)
-
-    @field_validator("glob")
-    @classmethod
-    def _glob_is_a_name_pattern(cls, value: str) -> str:
-        return check_glob(value)
-
-    @field_validator("channels")
-    @classmethod
-    def _channels_are_names_and_globs(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, glob in value.items():
-            if not CHANNEL_NAME.fullmatch(name):
-                raise ValueError(
-                    f"channel name {name!r} must be letters, digits, spaces, '.', '_' or '-'"
-                )
-            try:
-                check_glob(glob)
-            except ValueError as exc:
-                raise ValueError(f"channel {name!r}: {exc}") from None
-        return value
-
-    @field_validator("index_regex")
-    @classmethod
-    def _regex_has_index_group(cls, value: str) -> str:
-        try:
-            pattern = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression ({exc})") from None
-        if "index" not in pattern.groupindex:
-            raise ValueError(
-                "the regular expression has no named group `index`; "
-                r"write it as (?P<index>\d+) around the slice number"
-            )
-        return value
-
-
 class GroupingSettings(BaseModel):
     """How slices are grouped into units of work."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     mode: Literal["adjacent", "repeat-scans"] = "adjacent"
     """"adjacent": slice j is denoised with slices j-1 and j+1 as Noise2Noise targets;
@@ -189,12 +70,13 @@ class GroupingSettings(BaseModel):
 class ImageSettings(BaseModel):
     """How to read a slice before denoising."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     databar: Literal["auto", "none", "fei", "rows"] = "auto"
     """The information strip below the image, cropped before denoising and copied through
     unchanged: "auto" (where the file's metadata says the image ends: FEI [Image] ResolutionY
-    smaller than the image; else every row is image); "none" (every row is image); "fei"
+    smaller than the image; else every row is image: ZEISS metadata says nothing of its data
+    zone, crop that with "rows"); "none" (every row is image); "fei"
     (require the FEI metadata, keep [Image] ResolutionY rows); "rows" (`databar_rows` rows)."""
 
     databar_rows: int = Field(default=0, ge=0, le=65535)
@@ -217,7 +99,7 @@ class ImageSettings(BaseModel):
 class OutputSettings(BaseModel):
     """Where denoised slices are written and how they are named."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     folder: Path = Path("/data/fibsem/denoised")
     """Folder of the denoised TIFFs. Must not be the watch folder nor lie inside it."""
@@ -235,7 +117,7 @@ class OutputSettings(BaseModel):
     @field_validator("folder", "zarr", mode="before")
     @classmethod
     def _expand_folder(cls, value: Any) -> Any:
-        return None if value is None or value == "" else _expand(value)
+        return None if value is None or value == "" else expand_path(value)
 
     @property
     def zarr_path(self) -> Path | None:
@@ -253,7 +135,7 @@ class OutputSettings(BaseModel):
 class StoreSettings(BaseModel):
     """The provenance database."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     database: Path = Path("/var/lib/nrrn-daemon/nrrn.sqlite")
     """SQLite file recording every slice, output, model and fine-tune run."""
@@ -261,13 +143,13 @@ class StoreSettings(BaseModel):
     @field_validator("database", mode="before")
     @classmethod
     def _expand_database(cls, value: Any) -> Any:
-        return _expand(value)
+        return expand_path(value)
 
 
 class DashboardSettings(BaseModel):
     """The read-only web dashboard (``nrrn-daemon dashboard``)."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     host: str = "127.0.0.1"
     """Address it listens on; anything but a loopback address needs a token."""
@@ -286,7 +168,7 @@ class DashboardSettings(BaseModel):
 class ModelSettings(BaseModel):
     """Which network runs, where, and how the image is tiled."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     checkpoint: str = "base"
     """"base" (the shipped base checkpoint), "dataset" (the data set's promoted fine-tuned model,
@@ -342,7 +224,7 @@ class ModelSettings(BaseModel):
 class FinetuneSettings(BaseModel):
     """When and how the model is fine-tuned on the data set being acquired."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     enabled: bool = True
     """Run scheduled fine-tunes at all."""
@@ -382,7 +264,7 @@ class FinetuneSettings(BaseModel):
 class FrameSettings(BaseModel):
     """How a slice is judged before it may serve as a neighbour (:mod:`nrrn_daemon.frames`)."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     enabled: bool = True
     """Judge every slice; false uses any slice that decodes as a neighbour (the old behaviour)."""
@@ -421,7 +303,7 @@ class FrameSettings(BaseModel):
 class Profile(BaseModel):
     """One microscope set-up: the top of a profile TOML file."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     name: str = Field(pattern=PROFILE_NAME.pattern)
     """Profile name (lower-case letters, digits, '_' and '-'); also its file name without .toml."""
@@ -476,12 +358,12 @@ class Profile(BaseModel):
                 f"store.database ({self.store.database}) is inside the watch folder ({watch}); "
                 "the watch folder is read-only to the daemon, choose another place"
             )
-        if len(self.watch.channels) > 1 and not {"name", "stem"} & naming_fields(
+        if len(self.watch.channel_globs) > 1 and not {"name", "stem"} & naming_fields(
             self.output.naming
         ):
             raise ValueError(
                 f"output.naming = {self.output.naming!r} would give the channels' slices the same"
-                " output names; use {name} or {stem} with several watch.channels"
+                " output names; use {name} or {stem} with several watch.channels or detectors"
             )
         if (
             self.grouping.mode == "repeat-scans"
@@ -499,9 +381,10 @@ class Profile(BaseModel):
         return self._source
 
     def for_channel(self, channel: str) -> Profile:
-        """This profile for one of its `watch.channels`: its glob, and its own live volume
-        (``<zarr stem>-<channel>.zarr``, spaces as '_')."""
-        watch = self.watch.model_copy(update={"glob": self.watch.channels[channel], "channels": {}})
+        """This profile for one of its channels (`watch.channels` or `watch.detectors`): its glob,
+        and its own live volume (``<zarr stem>-<channel>.zarr``, spaces as '_')."""
+        glob = self.watch.channel_globs[channel]
+        watch = self.watch.model_copy(update={"glob": glob, "channels": {}, "detectors": []})
         output = self.output
         if output.zarr is not None:
             slug = channel.replace(" ", "_")

@@ -2,7 +2,8 @@
 
 Auto Slice & View acquires several detectors at once into one folder (``SEM Image - SliceImage -
 001.tif``, ``SEM Image 2 - SliceImage - 001.tif``). A profile names them in ``watch.channels``
-(channel name = file name glob). Each channel is a :class:`~nrrn_daemon.daemon.loop.Daemon` of
+(channel name = file name glob), or in ``watch.detectors`` (Auto Slice & View detector names,
+each with its derived glob). Each channel is a :class:`~nrrn_daemon.daemon.loop.Daemon` of
 its own (its own watcher on its glob, triplets, pipeline, model and fine-tune, data set
 ``"<folder> [<channel>]"``); :class:`Channels` runs their turns one after the other in one loop,
 so the store keeps its one writer and one daemon run records them all. :func:`make_daemon` gives
@@ -39,7 +40,8 @@ class Channels:
     Parameters
     ----------
     profile
-        A validated profile with at least one ``watch.channels`` entry.
+        A validated profile with at least one channel (``watch.channels`` or
+        ``watch.detectors``).
     store, on_event, finetune_trigger, overlap
         As for :class:`~nrrn_daemon.daemon.loop.Daemon`; shared by the channels.
     """
@@ -53,8 +55,8 @@ class Channels:
         finetune_trigger: Any = None,
         overlap: bool = True,
     ) -> None:
-        if not profile.watch.channels:
-            raise ValueError("Channels needs a profile with watch.channels")
+        if not profile.watch.channel_globs:
+            raise ValueError("Channels needs a profile with watch.channels or watch.detectors")
         self.profile = profile
         self.store = store
         self.on_event = on_event or (lambda kind, data: None)
@@ -62,7 +64,7 @@ class Channels:
         self._wake = threading.Event()
         self._stop_reason: str | None = None
         self.channels: dict[str, Daemon] = {}
-        for name in profile.watch.channels:
+        for name in profile.watch.channel_globs:
             daemon = Daemon(
                 profile.for_channel(name), store, on_event=self.on_event,
                 finetune_trigger=finetune_trigger, overlap=overlap, channel=name, wake=self._wake,
@@ -168,7 +170,8 @@ def make_daemon(
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     finetune_trigger: Any = None,
 ) -> Daemon | Channels:
-    """A :class:`Channels` when the profile names ``watch.channels``, else a plain Daemon."""
-    if profile.watch.channels:
+    """A :class:`Channels` when the profile names channels (``watch.channels`` or
+    ``watch.detectors``), else a plain Daemon."""
+    if profile.watch.channel_globs:
         return Channels(profile, store, on_event=on_event, finetune_trigger=finetune_trigger)
     return Daemon(profile, store, on_event=on_event, finetune_trigger=finetune_trigger)

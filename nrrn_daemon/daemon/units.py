@@ -30,7 +30,8 @@ from nrrn_daemon.errors import InputError
 from nrrn_daemon.evaluation.quality import Quality, measure
 from nrrn_daemon.files import safe_join
 from nrrn_daemon.imaging.provenance import description
-from nrrn_daemon.imaging.tiff import SliceImage, write_slice_atomic
+from nrrn_daemon.imaging.tiff import SliceImage
+from nrrn_daemon.imaging.tiffwrite import write_slice_atomic
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.registry import ModelInfo
 from nrrn_daemon.triplets import Work, WorkMode

@@ -1,24 +1,27 @@
-"""Slice I/O for the daemon: read a slice TIFF (crop the databar, keep metadata), write atomically.
+"""Slice input for the daemon: read a slice TIFF completely, check it, split off its databar.
 
 Reading decodes the whole image, so a file the microscope is still writing fails here rather than
 being denoised half-empty: before decoding, every strip or tile must end inside the file and the
 IFD chain must end cleanly (tifffile only logs a broken chain), and the decoded array must have the
 shape the header announces.
 
-Writing renders the full-size image (denoised pixels above the untouched databar) in the input's
-dtype, byte order and photometric interpretation (a grey-ramp palette is kept as it is), with the
-input's tags, EXIF and GPS IFDs, to a hidden temporary file ``.<name>.<rand>.part``
-in the destination folder (ignored by ``*.tif`` globs and watchers), then flush, ``os.fsync``,
-``os.replace`` onto the final name and fsync the folder: a crash never leaves a half-written file
-under the final name. Output is uncompressed.
-
-Which metadata is kept, and as which bytes: see :mod:`nrrn_daemon.imaging.tiffmeta`; the
-description written: :mod:`nrrn_daemon.imaging.provenance`.
+A :class:`SliceImage` keeps what the output needs to look like its input: dtype, byte order,
+photometric interpretation, colour map, every tag (:mod:`nrrn_daemon.imaging.tiffmeta`) and the
+EXIF/GPS IFDs. Writing it back, atomically: :mod:`nrrn_daemon.imaging.tiffwrite`.
 
 Palette images: ZEISS SmartSEM writes 8-bit palette TIFFs (photometric 3) whose colour map is a
 grey ramp. Their pixel values are indices into that map; a map that is the same on R, G and B and
 never decreases makes the indices grey levels in the same order, so they are denoised as they are
 and written back with the same map. Any other palette is refused.
+
+Where the image ends (``databar="auto"``): FEI/Thermo Fisher metadata says it (``[Image]
+ResolutionY``, the image's height above the databar). ZEISS SmartSEM metadata (tag 34118,
+``CZ_SEM``) does not. Its ``DP_IMAGE_STORE`` ("Store resolution = 1024 * 768") is the size of the
+whole page: the public ZEISS samples (rosettasciio's test files) are pages of 1024 × 768,
+512 × 384 and 2048 × 1536 px, SmartSEM store resolutions, and a sample's ``AP_HEIGHT`` is the
+store's rows times the pixel size. A data zone that SmartSEM burns in is drawn over the bottom
+rows of that image, and no tag gives its height. So under "auto" a ZEISS slice keeps every row;
+crop a data zone with ``databar="rows"`` and its height.
 """
 
 from __future__ import annotations
@@ -29,30 +32,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 import tifffile
 
 from nrrn_daemon.errors import InputError
-from nrrn_daemon.files import atomic_write
-from nrrn_daemon.imaging.provenance import (
-    ORIGINAL_DESCRIPTION_MARKER,
-    SOFTWARE,
-    compose,
-    split_description,
-)
-from nrrn_daemon.imaging.tiffifd import RawIfd, append_ifds, placeholder_codes
+from nrrn_daemon.imaging.tiffifd import RawIfd
 from nrrn_daemon.imaging.tiffmeta import (
-    LAYOUT_TAGS,
-    SEM_TAGS,
     TagTuple,
     fei_metadata,
     kept_tags,
-    placeholders,
     pointer_ifds,
     raw_tag,
-    split_resolution,
     text_of,
 )
 
@@ -310,6 +302,21 @@ def slice_from_tiff(
     )
 
 
+def page_image(tif: tifffile.TiffFile, index: int, path: Path) -> SliceImage:
+    """Page ``index`` of a multi-page stack as a slice to write back on its own: its pixels, dtype,
+    byte order, photometric interpretation and palette (a ZEISS grey ramp stays one); no tags,
+    no databar (the pages of a stack have none)."""
+    page = tif.pages[index]
+    dtype = check_grey(page, path)
+    pixels = decode_page(tif, index, path)
+    photometric = int(page.photometric)
+    return SliceImage(
+        pixels=pixels, databar=None, dtype=dtype, full_shape=(pixels.shape[0], pixels.shape[1]),
+        tags=[], fei=None, description=None, byteorder=tif.byteorder, photometric=photometric,
+        colormap=np.array(page.colormap, np.uint16) if photometric == 3 else None,
+    )  # fmt: skip
+
+
 def slice_is_complete(path: Path, data: bytes | None = None) -> tuple[bool, str]:
     """Whether ``path`` is a whole slice TIFF that decodes fully, and why not.
 
@@ -327,102 +334,6 @@ def slice_is_complete(path: Path, data: bytes | None = None) -> tuple[bool, str]
     except InputError as exc:
         return False, str(exc)
     return True, ""
-
-
-def write_slice_atomic(
-    path: Path, image: SliceImage, denoised: np.ndarray, description: str
-) -> str:
-    """Write ``denoised`` above ``image``'s databar, with its metadata, atomically to ``path``.
-
-    Parameters
-    ----------
-    path : Path
-        Final file name; its folder must exist.
-    image : SliceImage
-        The slice as read by :func:`read_slice`.
-    denoised : numpy.ndarray
-        Denoised pixels, same shape and dtype as ``image.pixels`` (convert before: no float).
-    description : str
-        ASCII text saying what was done (:mod:`~nrrn_daemon.imaging.provenance`); becomes the
-        ImageDescription, the input's own description kept after it.
-
-    Returns
-    -------
-    str
-        sha256 of the written file.
-
-    Raises
-    ------
-    OutputError
-        The file cannot be written (disk full, permission denied, read-only, missing folder).
-    """
-    if denoised.dtype != image.dtype:
-        raise ValueError(f"denoised pixels are {denoised.dtype}, expected {image.dtype}")
-    if denoised.shape != image.pixels.shape:
-        raise ValueError(f"denoised pixels are {denoised.shape}, expected {image.pixels.shape}")
-    if image.databar is None:
-        full = denoised  # no databar: nothing to put together, no copy
-    else:
-        full = np.empty(image.full_shape, dtype=image.dtype)
-        full[: denoised.shape[0]] = denoised
-        full[denoised.shape[0] :] = image.databar
-    text = compose(description, image.description, image.software)
-    extratags, resolution, unit = split_resolution(image.tags)
-    codes = placeholder_codes(image.ifds, {t[0] for t in extratags})
-    extratags += placeholders(codes)
-
-    def render(fh: BinaryIO) -> None:
-        buffer = io.BytesIO()
-        tifffile.imwrite(
-            buffer,
-            full,
-            byteorder=image.byteorder,
-            photometric=image.photometric,
-            colormap=image.colormap,
-            description=text,
-            metadata=None,
-            software=SOFTWARE,
-            datetime=False,
-            resolution=resolution,
-            resolutionunit=unit,
-            extratags=extratags,
-            bigtiff=False,
-        )
-        data = buffer.getvalue()
-        fh.write(append_ifds(data, image.ifds, codes, image.byteorder) if image.ifds else data)
-
-    hint = "the slice stays pending and will be retried"
-    return atomic_write(path, render, hint)
-
-
-def write_stack(
-    path: Path, array: np.ndarray, description: str | None = None, colormap: Any = None
-) -> str:
-    """Write a 3-D (z, y, x) array as a multi-page TIFF, atomically; return its sha256.
-
-    With ``colormap`` (a grey-ramp palette), the pages are written as palette images with it.
-
-    Raises
-    ------
-    OutputError
-        The file cannot be written.
-    """
-    if array.ndim != 3:
-        raise ValueError(f"write_stack needs a 3-D (z, y, x) array, got shape {array.shape}")
-
-    def render(fh: BinaryIO) -> None:
-        tifffile.imwrite(
-            fh,
-            array,
-            description=description,
-            metadata=None,
-            software=SOFTWARE,
-            photometric="minisblack" if colormap is None else "palette",
-            colormap=colormap,
-            bigtiff=array.nbytes > 2**32 - 2**25,
-        )
-
-    return atomic_write(path, render, "nothing was written; run the command again")
 
 
 def _image_height(
@@ -464,18 +375,17 @@ def _fei_height(fei: dict[str, Any] | None) -> int | None:
 
 __all__ = [
     "DATABAR_MODES",
-    "LAYOUT_TAGS",
-    "ORIGINAL_DESCRIPTION_MARKER",
-    "SEM_TAGS",
+    "DENOISABLE_DTYPES",
     "DatabarMode",
     "SliceImage",
-    "is_grey_ramp",
-    "TagTuple",
     "check_databar_mode",
+    "check_grey",
+    "check_structure",
+    "decode_page",
+    "is_grey_ramp",
+    "open_tiff",
+    "page_image",
     "read_slice",
     "slice_from_tiff",
     "slice_is_complete",
-    "split_description",
-    "write_slice_atomic",
-    "write_stack",
 ]

@@ -84,6 +84,37 @@ def test_databar_none_denoises_the_databar_too(tmp_path, tiny_checkpoint):
     assert not np.array_equal(after[HEIGHT:], before[HEIGHT:])
 
 
+def _zeiss_with_data_zone(path: Path, seed: int) -> np.ndarray:
+    """A ZEISS palette slice as SmartSEM saves it with its data zone on: the page is the store
+    resolution (``DP_IMAGE_STORE``), the strip drawn over its bottom ``BAR`` rows."""
+    full = LAYOUTS["zeiss-palette-34118"].pixels(seed)
+    full[-BAR:] = 0
+    full[-BAR + 2 : -2, 4:20] = 255  # scale bar
+    full[-BAR + 2 : -2, 30:44:2] = 128  # "text"
+    path.write_bytes(LAYOUTS["zeiss-palette-34118"].encode(full))
+    return full
+
+
+@pytest.mark.parametrize("option", [[], ["--databar", "rows", "--databar-rows", str(BAR)]])
+def test_a_zeiss_data_zone_is_cropped_only_when_its_height_is_given(
+    tmp_path, tiny_checkpoint, option
+):
+    raw = tmp_path / "raw" / "slice_001.tif"
+    raw.parent.mkdir()
+    before = _zeiss_with_data_zone(raw, seed=4)
+    with tifffile.TiffFile(raw) as tif:  # the metadata's image size is the whole page
+        store = tif.pages[0].tags[34118].value["dp_image_store"]
+        assert store == ("Store resolution", f"{before.shape[1]} * {before.shape[0]}")
+    result = _denoise(raw, "-o", tmp_path / "out", "--model", tiny_checkpoint, *option)
+    assert result.exit_code == 0, result.output
+    if option:
+        check_output(raw, tmp_path / "out" / raw.name, databar_rows=BAR)
+    else:  # "auto": no tag says where the image ends, so every row is denoised as image
+        after = read_all(tmp_path / "out" / raw.name)
+        assert not np.array_equal(after[-BAR:], before[-BAR:])
+        check_output(raw, tmp_path / "out" / raw.name, databar_rows=0)
+
+
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_denoise_refuses_a_bad_file_with_one_line_and_writes_nothing(
     tmp_path, tiny_checkpoint, kind
@@ -177,3 +208,33 @@ def test_denoise_a_multipage_stack_every_reader_opens(tmp_path, tiny_checkpoint,
         assert page.photometric == first.photometric  # a grey-ramp palette stays a palette
         assert page.software == f"nrrn-daemon {__version__}"
         assert read_provenance(page.description) is not None
+
+
+@pytest.mark.usefixtures("zarr_io_threads")
+def test_reprocess_a_multipage_palette_stack_keeps_the_palette_on_every_page(tmp_path, cluster):
+    volume = np.stack([LAYOUTS["pil"].pixels(k) for k in range(4)])
+    _stack_palette(tmp_path / "stack.tif", volume)
+    ckpt = random_checkpoint(tmp_path / "tiny.pt")
+    with Store(tmp_path / "nrrn.sqlite") as store:
+        plan = plan_reprocess(
+            str(tmp_path / "stack.tif"), store, model=str(ckpt), output=tmp_path / "out",
+            zarr=tmp_path / "v.zarr", device="cpu",
+        )  # fmt: skip
+        summary = run_plan(plan, store, lambda: nullcontext(cluster))
+    assert not summary.failed and summary.recorded == len(volume)
+    denoised = OmeZarrVolume.open(tmp_path / "v.zarr").read(0)
+    outputs = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in outputs] == [f"stack_{z:04d}.tif" for z in range(len(volume))]
+    for z, out in enumerate(outputs):
+        pixels = read_all(out)  # tifffile, skimage, imageio and PIL: the same pixels
+        assert pixels.dtype == volume.dtype and pixels.shape == volume[z].shape
+        np.testing.assert_array_equal(pixels, denoised[z])
+        assert np.abs(pixels.astype(float) - volume[z]).mean() > 0.5, "page not denoised"
+        with tifffile.TiffFile(out) as tif:
+            page = tif.pages[0]
+            assert int(page.photometric) == 3  # palette, as the input's pages
+            np.testing.assert_array_equal(page.colormap, GREY_RAMP)
+            assert page.software == f"nrrn-daemon {__version__}"
+            assert read_provenance(page.description) is not None
+        with Image.open(out) as image:
+            assert image.mode == "P"  # PIL sees a palette image too

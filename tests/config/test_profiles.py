@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,68 @@ def test_demo_profile_is_fast_and_small() -> None:
 def test_helios_reads_fei_databar_and_polls() -> None:
     helios = load_profile("helios", search_path=[BUNDLED_PROFILES])
     assert helios.image.databar == "fei" and helios.watch.observer == "listing"
+
+
+def test_helios_handles_both_auto_slice_and_view_detectors() -> None:
+    helios = load_profile("helios", search_path=[BUNDLED_PROFILES])
+    globs = helios.watch.channel_globs
+    names = {
+        "SEM Image - SliceImage - 001.tif": "SEM Image",
+        "SEM_Image-SliceImage-001.tif": "SEM Image",
+        "SEM Image 2 - SliceImage - 001.tif": "SEM Image 2",
+    }
+    for file_name, channel in names.items():
+        assert [c for c, glob in globs.items() if fnmatchcase(file_name, glob)] == [channel]
+
+
+def test_detectors_are_channels_of_their_auto_slice_and_view_names(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, '[watch]\ndetectors = ["SEM Image", "SEM Image 2", "ETD"]\n')
+    profile = load_profile(path, folders(tmp_path))
+    globs = profile.watch.channel_globs
+    assert list(globs) == ["SEM Image", "SEM Image 2", "ETD"] and profile.watch.channels == {}
+    names = {
+        "SEM Image - SliceImage - 001.tif": "SEM Image",
+        "SEM_Image-SliceImage-001.tif": "SEM Image",
+        "SEM Image 2 - SliceImage - 014.tif": "SEM Image 2",
+        "SEM_Image_2-SliceImage-014.tif": "SEM Image 2",
+        "ETD - SliceImage - 3.tif": "ETD",
+        "notes.txt": None,
+        "SEM Image 3 - SliceImage - 001.tif": None,
+    }
+    for file_name, channel in names.items():
+        matched = [c for c, glob in globs.items() if fnmatchcase(file_name, glob)]
+        assert matched == ([channel] if channel else []), file_name
+    one = profile.for_channel("SEM Image 2")
+    assert one.watch.glob == globs["SEM Image 2"] and not one.watch.channel_globs
+
+
+@pytest.mark.parametrize(
+    ("fragment", "expected"),
+    [
+        (
+            '[watch]\ndetectors = ["SEM Image"]\nchannels = { "SEM Image" = "SEM*.tif" }',
+            "watch.detectors and watch.channels both name the channels; give one of them",
+        ),
+        ('[watch]\ndetector = ["SEM Image"]', "unknown field 'watch.detector'"),
+        ('[watch]\ndetectors = ["SEM Image", "SEM Image"]', "a detector is named twice"),
+        ('[watch]\ndetectors = ["SEM/Image"]', "detector name 'SEM/Image' must be letters"),
+        (
+            '[watch]\ndetectors = ["SEM Image", "SEM Image Second"]',
+            "detectors 'SEM Image' and 'SEM Image Second' cannot be told apart by file name",
+        ),
+        (
+            '[watch]\ndetectors = ["A", "B"]\n[output]\nnaming = "{index}.tif"',
+            "use {name} or {stem} with several watch.channels or detectors",
+        ),
+    ],
+)
+def test_bad_detectors_are_refused_with_the_reason(
+    tmp_path: Path, fragment: str, expected: str
+) -> None:
+    path = write_profile(tmp_path, fragment + "\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile(path, folders(tmp_path))
+    assert expected in str(err.value) and str(path) in str(err.value)
 
 
 def test_defaults_fill_missing_tables(tmp_path: Path) -> None:
@@ -302,8 +365,9 @@ def test_field_docs_cover_every_field() -> None:
         "finetune.cron",
     } <= set(docs)  # fmt: skip
     assert all(text for text in docs.values()), [k for k, v in docs.items() if not v]
-    # 38 + [frames] (10) + [dashboard] (5) + watch.answer_timeout_s, .follow_links, .channels
-    assert len(docs) == 56
+    # 38 + [frames] (10) + [dashboard] (5) + watch.answer_timeout_s, .follow_links, .channels,
+    # .detectors
+    assert len(docs) == 57
 
 
 def test_profiles_are_frozen(tmp_path: Path) -> None:

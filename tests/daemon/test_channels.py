@@ -1,6 +1,7 @@
-"""Several detectors in one daemon (``watch.channels``): Auto Slice & View's "SEM Image" and "SEM
-Image 2" slices in one folder, each its own data set with its own triplets and model, one loop,
-one database writer. Real files in the FEI layout, a real observer, a real tiny NRRN."""
+"""Several detectors in one daemon (``watch.channels`` globs, or ``watch.detectors`` names):
+Auto Slice & View's "SEM Image" and "SEM Image 2" slices in one folder, each its own data set with
+its own triplets and model, one loop, one database writer. Real files in the FEI layout, a real
+observer, a real tiny NRRN."""
 
 from __future__ import annotations
 
@@ -21,13 +22,18 @@ from nrrn_daemon.store.store import Store
 FIRST = "SEM Image - SliceImage - {:03d}.tif"
 SECOND = "SEM Image 2 - SliceImage - {:03d}.tif"
 CHANNELS = {"SEM Image": "SEM[ _]Image[ -][-S]*.tif", "SEM Image 2": "SEM[ _]Image[ _]2[ -]*.tif"}
+FORMS = {
+    "channels": {"watch.channels": CHANNELS},
+    "detectors": {"watch.detectors": ["SEM Image", "SEM Image 2"]},
+}
+"""The two ways a profile names the detectors: globs per channel, or Auto Slice & View names."""
 
 
-def _profile(tmp_path: Path, ckpt: Path, **extra: object):
+def _profile(tmp_path: Path, ckpt: Path, form: str = "channels", **extra: object):
     return make_profile(
         tmp_path, ckpt, **{
             "watch.glob": "*.tif", "watch.index_regex": r"SliceImage ?- ?(?P<index>\d+)\.tif$",
-            "watch.channels": CHANNELS, "image.databar": "auto", **extra,
+            **FORMS[form], "image.databar": "auto", **extra,
         },
     )  # fmt: skip
 
@@ -50,8 +56,9 @@ def _units(db: Path) -> dict[str, tuple[str, str, list[str]]]:
     return units
 
 
-def test_two_detectors_are_two_data_sets_in_one_burst(tmp_path, tiny_checkpoint):
-    profile = _profile(tmp_path, tiny_checkpoint)
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_two_detectors_are_two_data_sets_in_one_burst(tmp_path, tiny_checkpoint, form):
+    profile = _profile(tmp_path, tiny_checkpoint, form)
     layout = LAYOUTS["fei-ini-34682"]
     for k in range(1, 4):
         layout.write(tmp_path / "raw" / FIRST.format(k), seed=k)

@@ -21,6 +21,7 @@ from nrrn_daemon.daemon.slicecache import SliceCache, load_slice
 from nrrn_daemon.errors import InputError
 from nrrn_daemon.files import sha256_file
 from nrrn_daemon.imaging import tiff as imageio
+from nrrn_daemon.imaging import tiffwrite
 from nrrn_daemon.imaging.tiff import read_slice
 from nrrn_daemon.model.checkpoints import load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
@@ -176,7 +177,7 @@ def test_outputs_are_identical_to_the_synchronous_daemon(tmp_path, tiny_checkpoi
 def test_a_stop_during_a_write_finishes_and_records_it(tmp_path, tiny_checkpoint, vol, monkeypatch):
     writing: list[str] = []
     in_write = threading.Event()
-    real_atomic_write = imageio.atomic_write
+    real_atomic_write = tiffwrite.atomic_write
 
     def slow_atomic_write(path, render, hint):
         def slow_render(fh):
@@ -187,7 +188,7 @@ def test_a_stop_during_a_write_finishes_and_records_it(tmp_path, tiny_checkpoint
 
         return real_atomic_write(path, slow_render, hint)
 
-    monkeypatch.setattr(imageio, "atomic_write", slow_atomic_write)
+    monkeypatch.setattr(tiffwrite, "atomic_write", slow_atomic_write)
     profile = make_profile(tmp_path, tiny_checkpoint)
     Microscope(tmp_path / "raw", vol, NAME, interval_s=0.0, chunks=1).run()
     with Running(profile) as run:
@@ -215,13 +216,13 @@ def test_a_stop_during_a_write_finishes_and_records_it(tmp_path, tiny_checkpoint
 
 
 def test_memory_held_by_the_pipeline_is_bounded(tmp_path, tiny_checkpoint, vol, monkeypatch):
-    real_atomic_write = imageio.atomic_write
+    real_atomic_write = tiffwrite.atomic_write
 
     def slow_atomic_write(path, render, hint):  # the writer is the bottleneck: outputs pile up
         time.sleep(0.15)
         return real_atomic_write(path, render, hint)
 
-    monkeypatch.setattr(imageio, "atomic_write", slow_atomic_write)
+    monkeypatch.setattr(tiffwrite, "atomic_write", slow_atomic_write)
     profile = make_profile(tmp_path, tiny_checkpoint)
     stack = np.concatenate([vol, vol[::-1], vol])  # 24 slices
     Microscope(tmp_path / "raw", stack, NAME, interval_s=0.0, chunks=1).run()

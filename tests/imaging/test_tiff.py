@@ -15,14 +15,10 @@ import tifffile
 from nrrn_daemon import __version__, files
 from nrrn_daemon.errors import InputError, OutputError
 from nrrn_daemon.files import safe_join, sha256_file
+from nrrn_daemon.imaging.provenance import split_description
 from nrrn_daemon.imaging.stacks import read_stack
-from nrrn_daemon.imaging.tiff import (
-    read_slice,
-    slice_is_complete,
-    split_description,
-    write_slice_atomic,
-    write_stack,
-)
+from nrrn_daemon.imaging.tiff import read_slice, slice_is_complete
+from nrrn_daemon.imaging.tiffwrite import write_slice_atomic, write_stack
 
 FEI_TEXT = (
     b"[User]\r\nDate=01/02/2024\r\n[Image]\r\nResolutionX=64\r\nResolutionY=48\r\n"
