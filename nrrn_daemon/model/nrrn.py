@@ -267,6 +267,27 @@ def _directional_attention(h_hat: Tensor) -> Tensor:
     return torch.sigmoid(h_hat.amax(dim=2)) * h_hat[:, :, 0]
 
 
+def _directional_update(
+    unit: BuildingUnit, h_hat: Tensor, h_tilde: Tensor, vu: Tensor, vr: Tensor
+) -> Tensor:
+    """:meth:`BuildingUnit.update` per direction: ``h_hat`` ``(N, D·H, h, w)`` (the centre
+    stream, one group per direction), the neighbour stream ``h_tilde`` and its gate terms
+    ``vu``, ``vr`` ``(N, H, h, w)`` shared by all directions; ``(N, D, H, h, w)`` out."""
+    b, _, height, width = h_hat.shape
+    d, h = DIRECTIONS, h_tilde.shape[1]
+    wu, wr, wc = _gconv(h_hat, unit.w).reshape(b, d, 3 * h, height, width).chunk(3, dim=2)
+    u = torch.sigmoid(wu + vu[:, None])
+    r = torch.sigmoid(wr + vr[:, None])
+    gated = (r * h_tilde[:, None]).reshape(b, d * h, height, width)
+    c = torch.tanh(wc + _gconv(gated, unit.v_c).reshape(b, d, h, height, width))
+    return (1 - u) * h_tilde[:, None] + u * c
+
+
+def _directional_feedback(h_hat: Tensor, estimate: Tensor) -> Tensor:
+    """:func:`feedback` per direction: ``(N, D, H, h, w)`` features, ``(N, D, h, w)`` estimates."""
+    return torch.cat([torch.tanh(estimate)[:, :, None], h_hat[:, :, 1:]], dim=2)
+
+
 class NRRN(nn.Module):
     """The Noise Reconstruction and Removal Network.
 
@@ -394,16 +415,11 @@ class NRRN(nn.Module):
                 vu, vr, ahead = _wide(F.conv2d(h_tilde, weight, bias, padding=1)).chunk(3, dim=1)
             else:
                 vu, vr = _wide(unit.v(h_tilde)).chunk(2, dim=1)
-            wu, wr, wc = _gconv(h_hat, unit.w).reshape(b, d, 3 * h, height, width).chunk(3, dim=2)
-            u = torch.sigmoid(wu + vu[:, None])
-            r = torch.sigmoid(wr + vr[:, None])
-            gated = (r * h_tilde[:, None]).reshape(b, d * h, height, width)
-            c = torch.tanh(wc + _gconv(gated, unit.v_c).reshape(b, d, h, height, width))
-            hh = (1 - u) * h_tilde[:, None] + u * c
+            hh = _directional_update(unit, h_hat, h_tilde, vu, vr)
             estimate = estimate - unit.noise_scale * _directional_attention(hh)
             if trace is not None:
                 trace.append(_wide(self.combine(estimate)))
-            hh = torch.cat([torch.tanh(estimate)[:, :, None], hh[:, :, 1:]], dim=2)  # feedback
+            hh = _directional_feedback(hh, estimate)
             h_hat = hh.reshape(b, d * h, height, width)
             if k < last:
                 h_tilde = torch.tanh(ahead if ahead is not None else _wide(self.w1(h_tilde)))
