@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 FIB25 = REPO / "tests" / "data" / "fib25_z200-231.tif"
 """Real FIB-SEM slices shipped with the tests (FIB-25 z = 200–231; see tests/data/README.md)."""
 FIB25_SHA256 = "747a27f8d5d6e309b8765205b212e3eaa49875e5a42d539d116e64e3309bb1b0"
+PAPER_BASE = REPO / "tests" / "data" / "paper-base.pt"
+"""The paper-network base shipped before the blind-spot one (see tests/data/README.md)."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -39,6 +41,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     )
     for item in marked:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def paper_base() -> object:
+    """The paper-network (not blind-spot) base checkpoint, for tests of the paper's forward."""
+    from nrrn_daemon.model.checkpoints import load_checkpoint
+
+    return load_checkpoint(PAPER_BASE)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
+from conftest import PAPER_BASE
 from typer.testing import CliRunner
 
 from nrrn_daemon.cli.app import app
@@ -97,7 +98,7 @@ def test_bf16_is_within_one_grey_level_of_float32_on_fib25(fib25: np.ndarray, le
     Poisson peak 1, whose clipped images are binary (0 or 255): there 1–3 pixels in 62,500 of a
     pair differ by 2 (measured), the others by at most 1.
     """
-    ckpt = load_checkpoint(BASE_CHECKPOINT)
+    ckpt = load_checkpoint(PAPER_BASE)  # the paper network (the blind base is 4x dearer here)
     noisy = noisy_stack(fib25[0:5], level, seed=3)
     f32 = Denoiser(ckpt, device="cpu", tile=128, precision="float32", compile="off")
     bf16 = Denoiser(ckpt, device="cpu", tile=128, precision="bf16", compile="off")
@@ -170,14 +171,20 @@ def eq1_reference(model: NRRN, centre: torch.Tensor, neighbour: torch.Tensor) ->
     return estimate - model.tail_scale * noise_attention(h_hat)
 
 
-def test_shipped_checkpoint_loads_unchanged_and_computes_eq1() -> None:
-    """base.pt keeps its sha256 and weight names, and the fused model computes eq. 1 with them."""
-    ckpt = load_checkpoint(BASE_CHECKPOINT)
-    recorded = json.loads(BASE_CHECKPOINT.with_suffix(".json").read_text())
-    assert ckpt.content_sha256 in json.dumps(recorded), "base.json names the same sha256"
-    model = ckpt.build_model()
-    assert set(model.state_dict()) == set(ckpt.state_dict)
-    model = model.double()
+@pytest.mark.parametrize("path", [BASE_CHECKPOINT, PAPER_BASE], ids=["shipped", "paper"])
+def test_shipped_checkpoints_load_unchanged(path: Path) -> None:
+    """base.pt (and the paper-network base kept for the tests) keep their sha256 and weights."""
+    ckpt = load_checkpoint(path)
+    recorded = json.loads(path.with_suffix(".json").read_text())
+    assert ckpt.content_sha256 == recorded["content_sha256"], "the JSON names the same sha256"
+    assert set(ckpt.build_model().state_dict()) == set(ckpt.state_dict)
+
+
+def test_the_paper_base_computes_eq1_with_the_fused_model() -> None:
+    """The paper network's fused forward computes eq. 1 with the stored weights."""
+    ckpt = load_checkpoint(PAPER_BASE)
+    assert not ckpt.config.blind
+    model = ckpt.build_model().double()
     gen = torch.Generator().manual_seed(0)
     centre, prev, nxt = (
         torch.randn(1, 1, 40, 52, generator=gen, dtype=torch.float64) for _ in "abc"

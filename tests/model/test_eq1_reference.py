@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PAPER_BASE
 
 from nrrn_daemon.model import nrrn as nrrn_module
 from nrrn_daemon.model.checkpoints import (
-    BASE_CHECKPOINT,
     Checkpoint,
     Normalisation,
     load_checkpoint,
@@ -73,7 +73,7 @@ def weights_of(model: NRRN) -> dict[str, torch.Tensor]:
 
 
 def test_the_shipped_base_checkpoint_computes_eq1() -> None:
-    model = load_checkpoint(BASE_CHECKPOINT).build_model().double().eval()
+    model = load_checkpoint(PAPER_BASE).build_model().double().eval()
     centre, prev, nxt = inputs()
     out_prev, out_next = both_branches(model, centre, prev, nxt)
     weights = weights_of(model)
@@ -114,7 +114,7 @@ def test_a_mutated_network_disagrees_with_the_reference(
     monkeypatch: pytest.MonkeyPatch, name: str, mutant
 ) -> None:
     """The reference catches what the old one (which imported these functions) could not."""
-    model = load_checkpoint(BASE_CHECKPOINT).build_model().double().eval()
+    model = load_checkpoint(PAPER_BASE).build_model().double().eval()
     centre, prev, nxt = inputs()
     reference = eq1(weights_of(model), centre, prev)
     monkeypatch.setattr(nrrn_module, name, mutant)
@@ -124,7 +124,7 @@ def test_a_mutated_network_disagrees_with_the_reference(
 
 def test_swapped_gates_disagree_with_the_reference() -> None:
     """u and r exchanged in the stored W and V (a gate wired wrongly) is caught too."""
-    model = load_checkpoint(BASE_CHECKPOINT).build_model().double().eval()
+    model = load_checkpoint(PAPER_BASE).build_model().double().eval()
     centre, prev, _ = inputs()
     weights = weights_of(model)
     h = weights["stem.weight"].shape[0]
