@@ -76,9 +76,9 @@ TARGET_MARGIN_DB = 1.0
 """The goal: best NRRN at least this much PSNR above the best classical method."""
 NRRN_BASE, NRRN_FT, NRRN_PREVIOUS = "nrrn-base", "nrrn-finetuned", "nrrn-previous"
 NRRN_CEILING = "nrrn-supervised"
-DRIFT_ALIGNED, DRIFT_RAW = "drift-aligned", "drift-unaligned"
+DRIFT_STILL, DRIFT_ALIGNED, DRIFT_RAW = "drift-none", "drift-aligned", "drift-unaligned"
 LOSS_NAMES = {"plain": "plain", "eq3": "eq. 3", "centre": "centre"}
-NOT_IN_MARGIN = (NRRN_PREVIOUS, NRRN_CEILING, DRIFT_ALIGNED, DRIFT_RAW)
+NOT_IN_MARGIN = (NRRN_PREVIOUS, NRRN_CEILING, DRIFT_STILL, DRIFT_ALIGNED, DRIFT_RAW)
 """Columns scored for comparison only: the best NRRN for the margin is never one of these."""
 
 
@@ -232,28 +232,39 @@ def nrrn_scores(
     }
 
 
-def drifted(
-    volume: np.ndarray, sigma: float, seed: int, first: int, count: int
-) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """A copy of ``volume`` whose slices ``first … first+count−1`` drift by a random walk.
+def random_walk(sigma: float, seed: int, count: int) -> np.ndarray:
+    """``(count, 2)`` positions (px) of a stack drifting by a random walk: each slice moves from
+    the previous one by a shift drawn from N(0, σ²) per axis, as FIB-SEM slices drift."""
+    rng = np.random.default_rng(seed + 7919)
+    return np.cumsum(rng.normal(0.0, sigma, size=(count, 2)), axis=0)
 
-    Each slice is moved from the previous one's position by a shift drawn from N(0, σ²) per
-    axis (sub-pixel, cubic spline, edges repeated), as a FIB-SEM stack drifts between
-    acquisitions; slices outside the block are left alone. Returns the copy and the absolute
-    ``(dy, dx)`` of each block slice.
-    """
+
+def moved(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``image`` shifted by ``shift`` px (cubic spline, edges repeated), uint8 like the data."""
     from scipy import ndimage
 
-    rng = np.random.default_rng(seed + 7919)
-    out = volume.copy()
-    position = np.zeros(2)
-    shifts = []
-    for z in range(first, first + count):
-        position = position + rng.normal(0.0, sigma, size=2)
-        moved = ndimage.shift(volume[z].astype(np.float32), position, order=3, mode="nearest")
-        out[z] = np.clip(np.rint(moved), 0, 255).astype(np.uint8)
-        shifts.append((float(position[0]), float(position[1])))
-    return out, shifts
+    out = ndimage.shift(image.astype(np.float32), tuple(shift), order=3, mode="nearest")
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def drift_triplets(
+    volume: np.ndarray, spec: str, positions: np.ndarray, first: int, zs: list[int], seed: int
+) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each centre z: (clean centre, drifted noisy triplet, undrifted noisy triplet).
+
+    The drifted triplet has slice k at its own random-walk position; the undrifted one has all
+    three slices at the centre's position, so both went through the same resampling and share
+    one clean centre and one noise draw (seed per z): the only difference is the drift.
+    """
+    out = {}
+    for z in zs:
+        here = positions[z - first]
+        clean = [moved(volume[k], positions[k - first]) for k in (z - 1, z, z + 1)]
+        still = [moved(volume[k], here) for k in (z - 1, z, z + 1)]
+        noisy_drift = noisy_stack(np.stack(clean), spec, seed=seed + z)
+        noisy_still = noisy_stack(np.stack(still), spec, seed=seed + z)
+        out[z] = (clean[1], noisy_drift, noisy_still)
+    return out
 
 
 def run_level(
@@ -369,26 +380,23 @@ def run_level(
 
     drift: dict[str, Any] = {}
     if args.drift > 0:
-        drifted_clean, shifts = drifted(volume, args.drift, args.seed, args.first, args.slices)
-        drifted_noisy = noisy_stack(drifted_clean, spec, seed=args.seed)
-        for key, align in ((DRIFT_ALIGNED, True), (DRIFT_RAW, False)):
+        positions = random_walk(args.drift, args.seed, args.slices)
+        cases = drift_triplets(volume, spec, positions, args.first, eval_zs, args.seed)
+        runs = ((DRIFT_STILL, True, 2), (DRIFT_ALIGNED, True, 1), (DRIFT_RAW, False, 1))
+        for key, align, which in runs:
             den = Denoiser(base, device="cpu", tile=tile, align=align)
             per_slice[key] = {
-                z: score(
-                    den.denoise(drifted_noisy[z], [drifted_noisy[z - 1], drifted_noisy[z + 1]]),
-                    drifted_clean[z],
-                )
-                for z in eval_zs
+                z: score(den.denoise(c[which][1], [c[which][0], c[which][2]]), c[0])
+                for z, c in cases.items()
             }
             print(f"  {key:<14} {mean_of(per_slice[key])['psnr']:.2f} dB", flush=True)
-        steps = np.diff(np.array(shifts), axis=0)
+        steps = np.diff(positions, axis=0)
+        still = mean_of(per_slice[DRIFT_STILL])["psnr"]
         drift = {
             "sigma_px": args.drift,
             "mean_neighbour_shift_px": float(np.mean(np.hypot(steps[:, 0], steps[:, 1]))),
-            "loss_aligned_db": mean_of(per_slice[NRRN_BASE])["psnr"]
-            - mean_of(per_slice[DRIFT_ALIGNED])["psnr"],
-            "loss_unaligned_db": mean_of(per_slice[NRRN_BASE])["psnr"]
-            - mean_of(per_slice[DRIFT_RAW])["psnr"],
+            "loss_aligned_db": still - mean_of(per_slice[DRIFT_ALIGNED])["psnr"],
+            "loss_unaligned_db": still - mean_of(per_slice[DRIFT_RAW])["psnr"],
         }
 
     per_unit: list[dict[str, float]] = []
@@ -475,7 +483,7 @@ def markdown(result: dict[str, Any]) -> str:
     if any(lv.get("supervised") for lv in result["levels"]):
         cols.append(NRRN_CEILING)
     if any(lv.get("drift") for lv in result["levels"]):
-        cols += [DRIFT_ALIGNED, DRIFT_RAW]
+        cols += [DRIFT_STILL, DRIFT_ALIGNED, DRIFT_RAW]
     names = {
         "noisy": "noisy",
         "gauss-avg": "Gaussian (avg)",
@@ -486,6 +494,7 @@ def markdown(result: dict[str, Any]) -> str:
         NRRN_PREVIOUS: "NRRN previous base",
         "gauss-reg": "Gaussian (registered avg)",
         NRRN_CEILING: "supervised ceiling",
+        DRIFT_STILL: "same resampling, no drift",
         DRIFT_ALIGNED: "drifted, aligned",
         DRIFT_RAW: "drifted, not aligned",
         **{candidate(name): f"NRRN {name}" for name in args.get("candidate", {})},
@@ -556,8 +565,9 @@ def markdown(result: dict[str, Any]) -> str:
             + ", ".join(
                 f"{lv['level']} {lv['drift']['mean_neighbour_shift_px']:.2f} px" for lv in dr
             )
-            + "), scored with NRRN base against the drifted clean slices; loss against the "
-            "undrifted stack, aligned / not aligned: "
+            + "), NRRN base; each triplet is also made without drift (all three slices at the "
+            "centre's position: the same resampling, clean centre and noise draw), and the loss "
+            "against it is, aligned / not aligned: "
             + ", ".join(
                 f"{lv['level']} {lv['drift']['loss_aligned_db']:+.2f} / "
                 f"{lv['drift']['loss_unaligned_db']:+.2f} dB"
