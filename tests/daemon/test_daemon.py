@@ -466,3 +466,39 @@ def test_a_link_out_of_the_watch_folder_is_recorded_failed_and_not_denoised(
     assert str(elsewhere) in reasons[NAME.format(4)]
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert NAME.format(4) not in written and NAME.format(3) in written
+
+
+@pytest.mark.mounts
+def test_a_slice_mounted_in_from_outside_is_recorded_failed_unless_links_are_followed(
+    tmp_path, tiny_checkpoint, volume, bind_mount
+):
+    """No link to see: someone else's TIFF bind-mounted onto a slice name of the watch folder."""
+    raw = tmp_path / "raw"
+    scope = Microscope(raw, volume, NAME, interval_s=0.0, chunks=1)
+    for k in range(4):
+        scope.write(k)
+    elsewhere = tmp_path / "other_project" / "their_slice.tif"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(encode_tiff(volume[4]))
+    (raw / NAME.format(4)).write_bytes(b"")
+    bind_mount(elsewhere, raw / NAME.format(4))
+    assert not (raw / NAME.format(4)).is_symlink()
+    profile = make_profile(tmp_path, tiny_checkpoint)
+    with Store(profile.store.database) as store:
+        assert Daemon(profile, store).work(burst=True) == "burst complete"
+        ds = store.status()["datasets"][0]
+    reasons = {f["name"]: f["reason"] for f in ds["failed"]}
+    assert "a bind mount" in reasons[NAME.format(4)], reasons
+    assert "watch.follow_links = true" in reasons[NAME.format(4)]
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert NAME.format(4) not in written and NAME.format(3) in written
+
+    followed = make_profile(
+        tmp_path, tiny_checkpoint,
+        **{"watch.follow_links": True, "output.folder": str(tmp_path / "out2"),
+           "store.database": str(tmp_path / "state2" / "db.sqlite")},
+    )  # fmt: skip
+    with Store(followed.store.database) as store:
+        assert Daemon(followed, store).work(burst=True) == "burst complete"
+        assert not store.status()["datasets"][0]["failed"]
+    assert NAME.format(4) in {p.name for p in (tmp_path / "out2").iterdir()}

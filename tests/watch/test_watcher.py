@@ -433,3 +433,44 @@ def test_a_link_to_a_tiff_outside_the_folder_is_failed_unread(tmp_path: Path, ki
         allowed = w.poll(now=SETTLE + 0.01)
     assert not allowed.failed
     assert allowed.complete == [folder / slice_name(i) for i in (8, 9, 10)]
+
+
+@pytest.mark.mounts
+def test_files_mounted_into_the_folder_from_elsewhere_are_failed_unread(tmp_path: Path, bind_mount):
+    """No link to see: someone else's TIFF bind-mounted onto a slice name, a folder of theirs
+    bind-mounted inside (watched recursively), and a ``..`` link out of that mount. Each is
+    failed with the reason, never opened, unless ``follow_links``."""
+    folder = tmp_path / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    theirs = tmp_path / "someone_else"
+    (theirs / "project").mkdir(parents=True)
+    (theirs / "private.tif").write_bytes(tiff_bytes(1))
+    (theirs / "project" / slice_name(5)).write_bytes(tiff_bytes(2))
+    # climbs out through the mount's root: ../.. of folder/sub is tmp_path
+    (theirs / "project" / slice_name(6)).symlink_to(Path("..") / ".." / theirs.name / "private.tif")
+    (folder / slice_name(4)).write_bytes(b"")  # the mount point: a file of ours, empty
+    bind_mount(theirs / "private.tif", folder / slice_name(4))
+    bind_mount(theirs / "project", folder / "sub")
+    (folder / slice_name(10)).write_bytes(tiff_bytes(3))
+    assert not (folder / slice_name(4)).is_symlink() and (folder / slice_name(4)).stat().st_size
+    decode = CountingDecode()
+    with make_watcher(folder, "listing", recursive=True, decode_check=decode) as w:
+        first = w.poll(now=0.0)
+        later = w.poll(now=SETTLE + 0.01)
+    reasons = dict(first.failed)
+    assert sorted(reasons) == [folder / slice_name(4), folder / "sub" / slice_name(5),
+                               folder / "sub" / slice_name(6)], first  # fmt: skip
+    assert "a bind mount" in reasons[folder / slice_name(4)]
+    assert str(folder / slice_name(4)) in reasons[folder / slice_name(4)]
+    assert "a bind mount" in reasons[folder / "sub" / slice_name(5)]
+    assert str(theirs / "private.tif") in reasons[folder / "sub" / slice_name(6)]  # the `..`
+    assert all("watch.follow_links" in why for why in reasons.values())
+    assert later.complete == [folder / slice_name(10)] and not later.failed, later
+    assert decode.opened == [folder / slice_name(10)]
+
+    with make_watcher(folder, "listing", recursive=True, decode_check=decode,
+                      follow_links=True) as w:  # fmt: skip
+        w.poll(now=0.0)
+        allowed = w.poll(now=SETTLE + 0.01)
+    assert not allowed.failed
+    assert allowed.complete == sorted([*reasons, folder / slice_name(10)])
