@@ -56,7 +56,8 @@ class Running:
         self.thread.start()
         return self
 
-    def wait_for(self, predicate, timeout: float = 30.0) -> None:
+    def wait_for(self, predicate, timeout: float = 120.0) -> None:
+        """Poll ``predicate`` until true; the bound fails only a daemon that never gets there."""
         deadline = time.monotonic() + timeout
         while not predicate():
             assert self.thread.is_alive(), f"daemon stopped: {self.reason}"
@@ -215,7 +216,9 @@ def test_duplicate_content_is_not_redone_and_other_size_fails(tmp_path, tiny_che
         # A slice of another size: failed, not used as a neighbour.
         write_slowly(raw / NAME.format(3), encode_tiff(np.zeros((20, 20), np.uint8)))
         run.wait_for(lambda: _failed_names(profile.store.database) == {NAME.format(3)})
-        time.sleep(1.0)
+        # The repeat of slice 1 was taken in before slice 3 (written earlier, files are taken
+        # in in order): any unit it made was submitted by now, and is recorded once done.
+        run.wait_for(lambda: run.daemon.pipeline.idle)
         assert len(run.outputs) == n_before
     with Store(profile.store.database, readonly=True) as store:
         report = store.status()["datasets"][0]
