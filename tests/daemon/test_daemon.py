@@ -449,17 +449,23 @@ def test_a_new_model_re_denoises_earlier_slices_as_new_versions(
             assert versions[1] == (2, "new-model", "ds-v1", True)
 
 
-def test_a_link_out_of_the_watch_folder_is_recorded_failed_and_not_denoised(
-    tmp_path, tiny_checkpoint, volume
-):
-    profile = make_profile(tmp_path, tiny_checkpoint)
+def slices_and_theirs(tmp_path: Path, volume: np.ndarray) -> tuple[Path, Path]:
+    """Four slices in the watch folder, and a real TIFF that is not ours outside it."""
     raw = tmp_path / "raw"
     scope = Microscope(raw, volume, NAME, interval_s=0.0, chunks=1)
     for k in range(4):
         scope.write(k)
     elsewhere = tmp_path / "other_project" / "their_slice.tif"
     elsewhere.parent.mkdir()
-    elsewhere.write_bytes(encode_tiff(volume[4]))  # a real TIFF that is not ours
+    elsewhere.write_bytes(encode_tiff(volume[4]))
+    return raw, elsewhere
+
+
+def test_a_link_out_of_the_watch_folder_is_recorded_failed_and_not_denoised(
+    tmp_path, tiny_checkpoint, volume
+):
+    profile = make_profile(tmp_path, tiny_checkpoint)
+    raw, elsewhere = slices_and_theirs(tmp_path, volume)
     (raw / NAME.format(4)).symlink_to(elsewhere)
     with Store(profile.store.database) as store:
         assert Daemon(profile, store).work(burst=True) == "burst complete"
@@ -476,13 +482,7 @@ def test_a_slice_mounted_in_from_outside_is_recorded_failed_unless_links_are_fol
     tmp_path, tiny_checkpoint, volume, bind_mount
 ):
     """No link to see: someone else's TIFF bind-mounted onto a slice name of the watch folder."""
-    raw = tmp_path / "raw"
-    scope = Microscope(raw, volume, NAME, interval_s=0.0, chunks=1)
-    for k in range(4):
-        scope.write(k)
-    elsewhere = tmp_path / "other_project" / "their_slice.tif"
-    elsewhere.parent.mkdir()
-    elsewhere.write_bytes(encode_tiff(volume[4]))
+    raw, elsewhere = slices_and_theirs(tmp_path, volume)
     (raw / NAME.format(4)).write_bytes(b"")
     bind_mount(elsewhere, raw / NAME.format(4))
     assert not (raw / NAME.format(4)).is_symlink()
