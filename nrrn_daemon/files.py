@@ -13,13 +13,16 @@ import errno
 import hashlib
 import os
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Generic, TypeVar
 
 from nrrn_daemon.errors import InputError, OutputError
 
 CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 def atomic_write(path: Path, render: Callable[[BinaryIO], None], hint: str) -> str:
@@ -115,3 +118,89 @@ def os_reason(exc: OSError) -> str:
         errno.ENOENT: "folder does not exist",
     }
     return reasons.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+class Background(Generic[T]):
+    """``call(*args)`` in a daemon thread of its own: its caller never waits on a hung file system.
+
+    A network share whose server stopped answering blocks ``stat``, ``open`` and ``read``
+    uninterruptibly, for minutes. The caller waits for the answer as long as it chooses
+    (:meth:`wait`), goes on with its work when it is late, and picks the answer up later
+    (:attr:`done`, :meth:`result`). A call that never returns leaves only its thread behind (a
+    daemon thread: it does not keep the process alive).
+
+    Parameters
+    ----------
+    call, args
+        What to run.
+    name
+        The thread's name.
+    on_done
+        Called from the thread once ``call`` has returned or raised (e.g. to wake a loop).
+    clock
+        Monotonic seconds, for :attr:`age`.
+    """
+
+    def __init__(
+        self,
+        call: Callable[..., T],
+        *args: object,
+        name: str = "nrrn-background",
+        on_done: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.args = args
+        self._call = call
+        self._on_done = on_done
+        self._clock = clock
+        self._finished = threading.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self.started = clock()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._error = exc
+        self._finished.set()
+        if self._on_done is not None:
+            self._on_done()
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """Wait at most ``timeout_s`` for the call to end; whether it has."""
+        return self._finished.wait(timeout_s)
+
+    @property
+    def done(self) -> bool:
+        """Whether the call has returned or raised."""
+        return self._finished.is_set()
+
+    @property
+    def age(self) -> float:
+        """Seconds since the call began."""
+        return self._clock() - self.started
+
+    def result(self) -> T:
+        """What the call returned (it must be :attr:`done`).
+
+        Raises
+        ------
+        BaseException
+            What the call raised.
+        """
+        assert self.done, "result() of a call still running"
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def resolve_soon(path: str | os.PathLike[str], timeout_s: float) -> Path:
+    """``path`` made absolute with its links resolved, or only made absolute when the file
+    system does not answer within ``timeout_s`` (a hung share: resolving stats each part)."""
+    path = Path(path).expanduser()
+    job = Background(path.resolve, name="nrrn-resolve")
+    if job.wait(timeout_s):
+        return job.result()
+    return Path(os.path.abspath(path))

@@ -3,7 +3,9 @@
 ``python stallfs.py SOURCE MOUNTPOINT CONTROL`` mounts SOURCE at MOUNTPOINT (foreground, in its
 own process, so libfuse's signal handlers stay out of the test process). While the file CONTROL
 exists, every call into the file system (stat, listing, open, read) blocks, as on an SMB/NFS
-share whose server stopped answering; deleting CONTROL lets them all go on. Unmount with
+share whose server stopped answering; deleting CONTROL lets them all go on. While the file
+CONTROL.reads exists, holding ``NAME N``, only the reads of file NAME through its (N+1)-th and
+later opens block (a read that hangs after the file was found complete). Unmount with
 ``fusermount3 -u MOUNTPOINT`` (or ``umount -l``). Used by the tests of the watch worker through
 :class:`StalledShare`.
 """
@@ -67,11 +69,20 @@ class StalledShare:
             self.unmount()
             raise OSError(f"stallfs did not mount: {line} {rest}")
 
+    @property
+    def reads_control(self) -> Path:
+        return self.control.with_name(self.control.name + ".reads")
+
     def stall(self) -> None:
         self.control.touch()
 
+    def stall_reads(self, name: str, after_opens: int) -> None:
+        """Make the reads of file ``name`` hang from its ``after_opens + 1``-th open on."""
+        self.reads_control.write_text(f"{name} {after_opens}\n")
+
     def answer(self) -> None:
         self.control.unlink(missing_ok=True)
+        self.reads_control.unlink(missing_ok=True)
 
     def unmount(self) -> None:
         self.answer()
@@ -91,9 +102,22 @@ class StalledShare:
 def main(source: str, mountpoint: str, control: str) -> None:
     import mfusepy as fuse
 
+    reads_control = control + ".reads"
+    opens: dict[str, int] = {}  # per file name: how many times it was opened
+    nth_open: dict[int, tuple[str, int]] = {}  # per handle: (file name, which open it was)
+
     def wait_while_stalled() -> None:
         while os.path.exists(control):
             time.sleep(0.02)
+
+    def read_stalled(fh: int) -> bool:
+        name, nth = nth_open.get(fh, ("", 0))
+        try:
+            with open(reads_control) as spec:
+                stalled, after = spec.read().split()
+        except (OSError, ValueError):
+            return False
+        return name == stalled and nth > int(after)
 
     class Stall(fuse.Operations):
         def _real(self, path: str) -> str:
@@ -119,13 +143,20 @@ def main(source: str, mountpoint: str, control: str) -> None:
 
         def open(self, path: str, flags: int) -> int:
             wait_while_stalled()
-            return os.open(self._real(path), os.O_RDONLY)
+            fh = os.open(self._real(path), os.O_RDONLY)
+            name = os.path.basename(path)
+            opens[name] = opens.get(name, 0) + 1
+            nth_open[fh] = (name, opens[name])
+            return fh
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
             wait_while_stalled()
+            while read_stalled(fh):
+                time.sleep(0.02)
             return os.pread(fh, size, offset)
 
         def release(self, path: str, fh: int) -> int:
+            nth_open.pop(fh, None)
             os.close(fh)
             return 0
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_valid
 from nrrn_daemon.config import naming
 from nrrn_daemon.config.naming import naming_fields
 from nrrn_daemon.config.watch import STRICT, WatchSettings, expand_path
+from nrrn_daemon.files import resolve_soon
 
 __all__ = [
     "FinetuneSettings",
@@ -40,9 +41,11 @@ PROFILE_NAME = re.compile(r"^[a-z0-9_-]+$")
 """What a profile name may look like: it doubles as a file name, so it cannot escape a folder."""
 
 
-def _is_within(inner: Path, outer: Path) -> bool:
-    """Whether ``inner`` is ``outer`` or lies below it, after resolving both against the CWD."""
-    inner, outer = inner.resolve(), outer.resolve()
+def _is_within(inner: Path, outer: Path, timeout_s: float) -> bool:
+    """Whether ``inner`` is ``outer`` or lies below it, after resolving both against the CWD
+    (only made absolute where the file system does not answer within ``timeout_s``: a profile
+    naming a hung share still loads)."""
+    inner, outer = resolve_soon(inner, timeout_s), resolve_soon(outer, timeout_s)
     return inner == outer or outer in inner.parents
 
 
@@ -341,19 +344,19 @@ class Profile(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
-        watch = self.watch.folder
-        if _is_within(self.output.folder, watch):
+        watch, wait = self.watch.folder, self.watch.answer_timeout_s
+        if _is_within(self.output.folder, watch, wait):
             raise ValueError(
                 f"output.folder ({self.output.folder}) is the watch folder or inside it "
                 f"({watch}); the watch folder is read-only to the daemon, choose another folder"
             )
         zarr = self.output.zarr_path
-        if zarr is not None and _is_within(zarr, watch):
+        if zarr is not None and _is_within(zarr, watch, wait):
             raise ValueError(
                 f"output.zarr ({zarr}) is inside the watch folder ({watch}); the watch folder is "
                 "read-only to the daemon, choose another place"
             )
-        if _is_within(self.store.database, watch):
+        if _is_within(self.store.database, watch, wait):
             raise ValueError(
                 f"store.database ({self.store.database}) is inside the watch folder ({watch}); "
                 "the watch folder is read-only to the daemon, choose another place"

@@ -27,16 +27,22 @@ import numpy as np
 import tifffile
 
 from nrrn_daemon.config.profiles import Profile
-from nrrn_daemon.daemon.slicecache import SliceCache, read_unhashed
+from nrrn_daemon.daemon.slicecache import LoadedSlice, SliceCache, read_unhashed
 from nrrn_daemon.errors import InputError
-from nrrn_daemon.files import sha256_file
+from nrrn_daemon.files import Background, sha256_file
 from nrrn_daemon.frames import LiveJudge, Verdict
 from nrrn_daemon.slices import NameRejected, SliceRef, parse_slice
 from nrrn_daemon.states import InputRole, OutputReason, SliceState
-from nrrn_daemon.store.store import Store
+from nrrn_daemon.store.store import SliceInfo, Store
 from nrrn_daemon.triplets import TripletGrouper, Work, WorkMode
 
 log = logging.getLogger("nrrn_daemon")
+
+READ_WAIT_S = 0.5
+"""How long the loop waits for a slice's read (:meth:`Arrivals.take`): a healthy file answers in
+milliseconds; a late one is taken in at a later turn."""
+Seed = tuple[SliceInfo, str | None]
+"""A slice recorded as processed: its row, and its output's mode (``None``: unusable)."""
 
 Ready = tuple[Work, OutputReason | None]
 """A unit of work made ready, with the reason its output is recorded with (None: first/redo)."""
@@ -87,6 +93,8 @@ class Arrivals:
         Counters for the heartbeat (``seen``, ``failed``, ``recent_failures``).
     on_event
         The daemon's live-view callback.
+    wake
+        Wakes the daemon loop (called when a slice's late read ends, see :meth:`take`).
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class Arrivals:
         cache: SliceCache | None,
         state: Counters,
         on_event: Callable[[str, dict[str, Any]], None],
+        wake: Callable[[], None] | None = None,
     ) -> None:
         self.profile = profile
         self.store = store
@@ -112,17 +121,22 @@ class Arrivals:
         self.kind: Kind | None = None  # the data set's, from its first slice
         self.judge = LiveJudge(profile.frames, profile.grouping.neighbour_wait_s)
         self._held: dict[int, SliceRef] = {}  # slices waiting for their other neighbour
+        self._wake = wake
+        self._reading: Background[LoadedSlice] | None = None  # the read of take()'s slice
 
     def parse(self, path: Path) -> SliceRef | NameRejected | None:
         """The slice a path names, why it names none, or None when it is not ours."""
         return parse_slice(path, self.watch_folder, self.profile.watch, self.profile.grouping.mode)
 
-    def complete(self, path: Path, now: float) -> list[Ready]:
+    def complete(
+        self, path: Path, now: float, *, loaded: LoadedSlice | InputError | None = None
+    ) -> list[Ready]:
         """A file the watcher found complete (stable and decodable): the units it made ready.
 
         Each comes with its reason: ``None`` for a first output (or a redo as a triplet),
         :attr:`OutputReason.INPUT_CHANGED` for new content under a name already denoised. The
         caller (the loop) hands them to the pipeline; nothing is submitted from here.
+        ``loaded``: the slice as read already (or why it could not be), see :meth:`take`.
         """
         ref = self.parse(path)
         if ref is None:  # not a slice of ours (the glob does not match)
@@ -132,7 +146,7 @@ class Arrivals:
             self.fail(path, None, str(ref))
             return []
         try:
-            found = self._identify(path)
+            found = self._identify(path, loaded)
         except InputError as exc:
             if not path.exists():
                 log.warning("%s disappeared before it could be read; skipped", path.name)
@@ -268,29 +282,72 @@ class Arrivals:
 
     def seed(self, mark_known: Callable[[Path], None]) -> None:
         """At start: the slices denoised before (and unchanged since) go to the grouper as done,
-        and to ``mark_known`` (the watcher's), so they are not reported again."""
-        for row, mode in self.store.denoised_slices(self.dataset_id):
-            path = Path(row.path)
-            if path.exists() and row.unchanged(*_size_mtime(path)):
-                ref = self.parse(path)
-                if isinstance(ref, SliceRef):
-                    self.grouper.add_done(ref, mode)
-                    mark_known(path)
-        if self.profile.grouping.mode != "adjacent":
-            return
-        for row in self.store.slices_in_state(self.dataset_id, [SliceState.UNUSABLE]):
-            path = Path(row.path)
-            if (
-                path.exists()
-                and row.unchanged(*_size_mtime(path))
-                and self.store.current_mode(row.id)
-            ):
-                ref = self.parse(path)
-                if isinstance(ref, SliceRef):
-                    self.grouper.add_unusable(ref)
-                    mark_known(path)
+        and to ``mark_known`` (the watcher's), so they are not reported again. The three steps
+        below, in turn; the daemon runs the middle one, the only one on the watch folder, in
+        its watch worker (:meth:`PollWorker.start <nrrn_daemon.watch.worker.PollWorker.start>`)."""
+        self.seed_from(still_there(self.seed_plan(), mark_known))
 
-    def _identify(self, path: Path) -> Found:
+    def seed_plan(self) -> list[Seed]:
+        """The slices the store holds as processed: denoised ones (with their mode) and, when
+        grouping adjacent slices, unusable ones already written (mode ``None``). Store only."""
+        plan: list[Seed] = [
+            (row, mode) for row, mode in self.store.denoised_slices(self.dataset_id)
+        ]
+        if self.profile.grouping.mode == "adjacent":
+            for row in self.store.slices_in_state(self.dataset_id, [SliceState.UNUSABLE]):
+                if self.store.current_mode(row.id):
+                    plan.append((row, None))
+        return plan
+
+    def seed_from(self, kept: list[Seed]) -> None:
+        """The slices of :meth:`seed_plan` still on disk unchanged go to the grouper: as done
+        (denoised), or as missing for their neighbours (unusable)."""
+        for row, mode in kept:
+            ref = self.parse(Path(row.path))
+            if not isinstance(ref, SliceRef):
+                continue
+            if mode is None:
+                self.grouper.add_unusable(ref)
+            else:
+                self.grouper.add_done(ref, mode)
+
+    def take(self, path: Path, now: float) -> list[Ready] | None:
+        """:meth:`complete`, with the slice's read beside the caller: ``None`` while it is late.
+
+        The read (:meth:`SliceCache.load`) runs in a thread of its own and is waited for at
+        most :data:`READ_WAIT_S`; a slice on a share that stopped answering is then not taken in
+        yet, and the caller asks again for the same ``path`` at a later turn (it stays a
+        complete file, unread: nothing is recorded, nothing lost). Without a cache (the
+        synchronous design) it is :meth:`complete`.
+        """
+        if self.cache is None:
+            return self.complete(path, now)
+        job = self._reading
+        if job is None or job.args != (path,):
+            job = Background(self.cache.load, path, name="nrrn-read-slice", on_done=self._wake)
+            self._reading = job
+            job.wait(READ_WAIT_S)
+        if not job.done:
+            return None
+        self._reading = None
+        try:
+            loaded = job.result()
+        except InputError as exc:
+            return self.complete(path, now, loaded=exc)
+        return self.complete(path, now, loaded=loaded)
+
+    def late_read(self) -> str | None:
+        """Why a slice is not taken in yet: its read has not answered for ``answer_timeout_s``."""
+        job = self._reading
+        if job is None or job.done or job.age < self.profile.watch.answer_timeout_s:
+            return None
+        (path,) = job.args
+        return (
+            f"reading {path} not answering for {job.age:.0f} s (a hung network share?) — "
+            "slices already read are still denoised; it is read once the share answers"
+        )
+
+    def _identify(self, path: Path, loaded: LoadedSlice | InputError | None = None) -> Found:
         """Size, mtime, sha256, shape and dtype of a complete slice file.
 
         With the cache: from the one read that loads the slice (usually done already by the
@@ -301,8 +358,10 @@ class Arrivals:
         InputError
             The file cannot be read, or is not a usable slice.
         """
+        if isinstance(loaded, InputError):
+            raise loaded
         if self.cache is not None:
-            loaded = self.cache.load(path)
+            loaded = loaded or self.cache.load(path)
             kind = (loaded.image.full_shape, loaded.image.dtype)
             return Found(loaded.size, loaded.mtime, loaded.sha256 or "", kind, loaded.image.pixels)
         try:
@@ -331,6 +390,17 @@ def _misfit(kind: Kind, expected: Kind) -> str:
     )
 
 
-def _size_mtime(path: Path) -> tuple[int, float]:
-    st = path.stat()
-    return st.st_size, st.st_mtime
+def still_there(plan: list[Seed], mark_known: Callable[[Path], None]) -> list[Seed]:
+    """The slices of ``plan`` whose files are unchanged since recorded, each given to
+    ``mark_known``. Only this step of :meth:`Arrivals.seed` looks at the watch folder."""
+    kept = []
+    for row, mode in plan:
+        path = Path(row.path)
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if row.unchanged(st.st_size, st.st_mtime):
+            kept.append((row, mode))
+            mark_known(path)
+    return kept

@@ -44,7 +44,7 @@ from typing import Any
 
 from nrrn_daemon import __version__
 from nrrn_daemon.config.profiles import Profile
-from nrrn_daemon.daemon.arrivals import Arrivals
+from nrrn_daemon.daemon.arrivals import Arrivals, still_there
 from nrrn_daemon.daemon.live_volume import LiveZarr
 from nrrn_daemon.daemon.pipeline import CACHE_SLICES, MAX_AHEAD, Done, Job, Pipeline
 from nrrn_daemon.daemon.recording import record_unit
@@ -52,6 +52,7 @@ from nrrn_daemon.daemon.serving import Serving
 from nrrn_daemon.daemon.slicecache import SliceCache, read_unhashed
 from nrrn_daemon.daemon.units import OutputRecord
 from nrrn_daemon.errors import Abandoned, InputError, NRRNError, OutputError
+from nrrn_daemon.files import resolve_soon
 from nrrn_daemon.finetune.runner import FinetuneRunner
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.registry import ModelInfo
@@ -136,7 +137,8 @@ class Daemon:
         self.overlap = overlap
         self.store = store
         self.on_event = on_event or (lambda kind, data: None)
-        self.watch_folder = Path(profile.watch.folder).expanduser().resolve()
+        # a share hung at start must not hang the start: resolved within the answer deadline
+        self.watch_folder = resolve_soon(profile.watch.folder, profile.watch.answer_timeout_s)
         self.output_folder = Path(profile.output.folder).expanduser().resolve()
         self.state = state or LiveState()
         self._stop_reason: str | None = None
@@ -201,6 +203,7 @@ class Daemon:
             profile=profile, store=store, dataset_id=self.dataset_id,
             watch_folder=self.watch_folder, grouper=self.grouper,
             cache=self.cache if overlap else None, state=self.state, on_event=self.on_event,
+            wake=self._wake.set,
         )  # fmt: skip
 
     # -- control ---------------------------------------------------------------------------
@@ -279,13 +282,18 @@ class Daemon:
             self.model.label,
             self.denoiser.device,
         )
-        self.watcher.check_folder()  # before anything is created or scheduled
+        self.watch.check_folder()  # before anything is created; a hung share is only logged
         self._recover()
+        seeds = self.arrivals.seed_plan()
         self.denoiser.warm_up()  # compiles now, so that no slice waits for it
         if not burst:
             self.finetuning.start()
-        self.watcher.start()
-        self.watch.start()  # from here on, only its thread calls the watcher
+        # The watch worker starts the watcher (and checks the known slices on disk): only its
+        # thread touches the watch folder, so a share hung at start does not hang the loop.
+        self.watch.start(
+            prepare=partial(still_there, seeds, self.watcher.mark_known),
+            then=self.arrivals.seed_from,
+        )
         self.pipeline.start()
 
     def step(self, now: float, burst: bool, *, heartbeat: bool = True) -> tuple[bool, bool]:
@@ -322,7 +330,7 @@ class Daemon:
     def _turn(self, now: float) -> bool:
         """One turn: new files, timeouts, submit units, record finished ones. True if busy."""
         result = self.watch.poll(now)  # in the watch worker: waits ≤ 0.5 s on a hung share
-        self.state.folder_error = result.folder_error
+        self.state.folder_error = result.folder_error or self.arrivals.late_read()
         self._arrived.extend(result.complete)
         for path, why in result.failed:
             self.arrivals.failed_on_arrival(path, why)
@@ -330,16 +338,21 @@ class Daemon:
         # Complete files are taken in (read, hashed, grouped) only while the model has room, so
         # that the slices read stay in the cache until the units that use them have run.
         while self._arrived and self.pipeline.ahead < MAX_AHEAD:
-            path = self._arrived.popleft()
-            busy = True
+            path = self._arrived[0]
             try:
-                ready = self.arrivals.complete(path, now)
+                ready = self.arrivals.take(path, now)  # its read waited ≤ 0.5 s on a hung share
             except (OSError, InputError) as exc:  # gone or unreadable since found complete
+                self._arrived.popleft()
+                busy = True
                 if path.exists():
                     self.arrivals.fail(path, None, f"cannot read it: {exc}")
                 else:
                     log.warning("%s disappeared before it could be read; skipped", path.name)
                 continue
+            if ready is None:  # its read is late: taken in at a later turn (the read wakes us)
+                break
+            self._arrived.popleft()
+            busy = True
             for item, reason in ready:
                 self._submit(item, reason)
         released = self.arrivals.release(now)  # held slices whose other neighbour never came
@@ -457,7 +470,7 @@ class Daemon:
 
     # -- start-up and heartbeat ------------------------------------------------------------
     def _recover(self) -> None:
-        """Remove our own half-written temp files; seed the grouper from the store."""
+        """Remove our own half-written temp files."""
         try:
             self.output_folder.mkdir(parents=True, exist_ok=True)
             for leftover in self.output_folder.glob(".*.part"):
@@ -465,7 +478,6 @@ class Daemon:
         except OSError as exc:
             # Not fatal: every write is retried and says why; the raw data is safe meanwhile.
             log.error("output folder %s is not usable: %s", self.output_folder, exc)
-        self.arrivals.seed(self.watcher.mark_known)
 
     def _heartbeat(self, run_id: int) -> None:
         self.store.heartbeat(run_id, self.heartbeat_state())

@@ -29,9 +29,12 @@ parent). A process killed while compiling (power cut, OOM kill, ``kill -9`` duri
 can leave a truncated kernel library behind, which inductor would load at every later start and
 fail on ("main.so: file too short"). So the first compilation of each process first removes
 kernel libraries that are not whole (:func:`heal_compile_cache`: an ELF file shorter than its
-own section table says), and a compilation that still fails on a damaged cache entry (an
-``ImportError``/``EOFError``/unpickling error naming a file in the cache) clears the cache and
-compiles once more before giving up.
+own section table says, or whose program and section tables were never written), and a
+compilation that still fails, with a compiler present, on a cache inherited from earlier
+processes (or on an entry that names itself damaged: an ``ImportError``/``EOFError``/unpickling
+error naming a file in the cache) clears the cache and compiles once more before giving up.
+Not every damaged entry names itself: a damaged library of the CPU probe inductor builds in the
+cache shows as a C++ compile error of good kernels.
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ CACHE_ENV = "NRRN_COMPILE_CACHE"
 """Environment variable naming the parent of the daemon's compile cache folder."""
 _cache_dir: Path | None = None
 """The cache folder this process compiles into, once chosen (and healed) by the first compile."""
+_cache_inherited = False
+"""Whether that folder held entries of earlier processes when this one first compiled."""
+_cache_cleared = False
+"""Whether this process has cleared the cache and compiled again already (done at most once)."""
 
 
 def compile_cache_dir() -> Path:
@@ -95,34 +102,51 @@ def _use_compile_cache() -> Path:
         folder = compile_cache_dir()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read by inductor at each use
         heal_compile_cache(folder)
+        global _cache_inherited
+        _cache_inherited = folder.is_dir() and any(folder.iterdir())
         _cache_dir = folder
     return _cache_dir
 
 
 def elf_is_whole(path: Path) -> bool:
-    """Whether an ELF file is as long as its header says (its section table ends the file).
+    """Whether an ELF file is as long as its header says and its tables were written.
 
-    A linker killed mid-write leaves an empty or short file; ``dlopen`` then fails with "file
-    too short". Anything that is not ELF at all counts as damaged too.
+    A linker killed mid-write leaves an empty or short file (``dlopen`` then fails with "file
+    too short"), or, where it sized the file first and maps it (gold, lld, mold), a file of full
+    length whose unwritten pages are zeros: then the program header table has no loadable
+    segment, or the section naming the sections is not a string table. Anything that is not ELF
+    at all counts as damaged too.
     """
     try:
         with open(path, "rb") as fh:
-            header = fh.read(64)
-            size = os.fstat(fh.fileno()).st_size
+            data = fh.read()
     except OSError:
         return False
-    if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in (1, 2):
+    if len(data) < 52 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
         return False
-    order = "<" if header[5] == 1 else ">"
-    if header[4] == 2:  # 64-bit: e_shoff at 0x28, e_shentsize/e_shnum at 0x3A
-        if len(header) < 64:
+    order = "<" if data[5] == 1 else ">"
+    if data[4] == 2:  # 64-bit
+        if len(data) < 64:
             return False
-        (shoff,) = struct.unpack_from(order + "Q", header, 0x28)
-        shentsize, shnum = struct.unpack_from(order + "HH", header, 0x3A)
+        phoff, shoff = struct.unpack_from(order + "QQ", data, 0x20)
+        phentsize, phnum, shentsize, shnum, shstrndx = struct.unpack_from(order + "5H", data, 0x36)
     else:
-        (shoff,) = struct.unpack_from(order + "I", header, 0x20)
-        shentsize, shnum = struct.unpack_from(order + "HH", header, 0x2E)
-    return shoff + shentsize * shnum <= size
+        phoff, shoff = struct.unpack_from(order + "II", data, 0x1C)
+        phentsize, phnum, shentsize, shnum, shstrndx = struct.unpack_from(order + "5H", data, 0x2A)
+    if shoff + shentsize * shnum > len(data) or phoff + phentsize * phnum > len(data):
+        return False
+    pt_load = 1
+    segments = (
+        struct.unpack_from(order + "I", data, phoff + i * phentsize)[0] for i in range(phnum)
+    )
+    if phentsize < 4 or pt_load not in segments:
+        return False
+    sht_strtab = 3
+    if shnum and (shstrndx >= shnum or shentsize < 8):
+        return False
+    return not shnum or (
+        struct.unpack_from(order + "I", data, shoff + shstrndx * shentsize + 4)[0] == sht_strtab
+    )
 
 
 def heal_compile_cache(folder: Path) -> list[Path]:
@@ -150,14 +174,25 @@ def heal_compile_cache(folder: Path) -> list[Path]:
 
 
 def clear_compile_cache(folder: Path) -> None:
-    """Delete the compile cache folder and inductor's in-memory caches (compiled again later)."""
-    from torch._inductor.utils import clear_caches  # late: inductor is heavy to import
+    """Delete the compile cache folder and inductor's in-memory caches (compiled again later).
+
+    The in-memory ones include inductor's verdicts on the CPU's vector instructions: it decides
+    them by building and loading a small library in the cache, so a damaged one makes it believe
+    the CPU has none, and the kernels cached for it then fail to compile ("'at::vec' has not
+    been declared") until that verdict is taken again.
+    """
+    from torch._inductor import cpu_vec_isa  # late: inductor is heavy to import
+    from torch._inductor.utils import clear_caches
 
     aside = folder.with_name(f"{folder.name}.cleared-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         folder.rename(aside)  # atomic: no process sees a half-deleted cache
     shutil.rmtree(aside, ignore_errors=True)
     clear_caches()
+    for owner in [cpu_vec_isa, *(v for v in vars(cpu_vec_isa).values() if isinstance(v, type))]:
+        for value in vars(owner).values():
+            if callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
     torch._dynamo.reset()
 
 
@@ -256,6 +291,7 @@ def run_with_fallback(model: object, call: Callable[..., T], *args: object) -> T
     Denoiser retries with smaller tiles). An error of the eager re-run propagates too: it is a
     real one.
     """
+    global _cache_cleared
     if not (isinstance(model, NRRN) and model.compiled):
         return call(*args)
     try:
@@ -263,15 +299,17 @@ def run_with_fallback(model: object, call: Callable[..., T], *args: object) -> T
     except OOM_ERRORS:
         raise
     except Exception as exc:  # noqa: BLE001 - logged once, then eager; a real error re-raises
-        if not is_cache_damage(exc, _cache_dir):
+        if not _worth_clearing(exc):
             _give_up_compiling(model, exc)
             return call(*args)
-        assert _cache_dir is not None  # is_cache_damage needs the folder
+        assert _cache_dir is not None  # set by the compile that failed
         log.warning(
-            "the compile cache %s is damaged (%s): cleared it, compiling again",
+            "compiling failed with the compile cache %s %s (%s): cleared it, compiling again",
             _cache_dir,
+            "damaged" if is_cache_damage(exc, _cache_dir) else "left by earlier runs",
             _reason(exc),
         )
+        _cache_cleared = True
         clear_compile_cache(_cache_dir)
         model.compile_branches()
     try:
@@ -283,6 +321,25 @@ def run_with_fallback(model: object, call: Callable[..., T], *args: object) -> T
     return call(*args)
 
 
+def _worth_clearing(exc: BaseException) -> bool:
+    """Whether a compile failure may come from the cache: clear it and compile once more.
+
+    A damaged entry says so in some failures (a short library, a cut pickle), not in all: a
+    damaged library inductor uses to probe the CPU turns into a C++ compile error. So any
+    failure with a compiler present and a cache inherited from earlier processes is worth one
+    more compile on a cleared cache (once per process); without a compiler, nothing is.
+    """
+    if _cache_cleared or _cache_dir is None or _missing_compiler(exc):
+        return False
+    return _cache_inherited or is_cache_damage(exc, _cache_dir)
+
+
+def _missing_compiler(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    missing = ("command not found", "no such file or directory: 'g++'", "invalidcxxcompiler")
+    return any(m in text for m in missing) or not (shutil.which("g++") or shutil.which("c++"))
+
+
 def _reason(exc: BaseException) -> str:
     first_line = (str(exc).strip().splitlines() or [""])[0][:300]
     return f"{type(exc).__name__}: {first_line}".rstrip(": ")
@@ -290,12 +347,15 @@ def _reason(exc: BaseException) -> str:
 
 def _advice(exc: BaseException) -> str:
     """What to do about a compilation failure, from its cause."""
-    text = str(exc).lower()
-    missing = ("command not found", "no such file or directory: 'g++'", "invalidcxxcompiler")
-    if any(m in text for m in missing) or not (shutil.which("g++") or shutil.which("c++")):
+    if _missing_compiler(exc):
         return "install a C++ compiler (gcc) to compile it"
     if is_cache_damage(exc, _cache_dir):
         return f"the compile cache stays damaged after clearing it once; delete {_cache_dir}"
+    if _cache_cleared:
+        return (
+            "it failed again on a cleared compile cache, and a C++ compiler is installed, so "
+            "this is a torch/inductor error: report it with the log"
+        )
     return "a C++ compiler is installed, so this is a torch/inductor error: report it with the log"
 
 
@@ -319,6 +379,7 @@ def compile_failure() -> str | None:
 
 
 def reset_compile_failure() -> None:
-    """Forget an earlier failure, so the next model tries to compile again (tests)."""
-    global _compile_failure
+    """Forget an earlier failure and clearing: the next model compiles again (tests)."""
+    global _compile_failure, _cache_cleared
     _compile_failure = None
+    _cache_cleared = False

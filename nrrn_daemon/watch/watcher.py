@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -178,6 +179,7 @@ class Watcher:
         self._last_scan: float | None = float("-inf")  # None: scanned at start, not stamped
         self._rescan_forced = False
         self._folder_error: str | None = None
+        self._mounts: list[tuple[Path, str]] | None = None  # mounts inside the folder, this poll
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -268,6 +270,7 @@ class Watcher:
             Complete and failed files, and the folder's error state.
         """
         now = time.monotonic() if now is None else now
+        self._mounts = None
         error = self._take_hints(now)
         if error is not None:
             if self._folder_error is None:
@@ -381,14 +384,24 @@ class Watcher:
         return ok, reason
 
     def _outside(self, path: Path) -> str | None:
-        """Why ``path`` must not be read: its real path lies outside the watch folder; else None."""
+        """Why ``path`` must not be read: its real path lies outside the watch folder (a link,
+        or a mount inside the folder of a file or folder from elsewhere); else None."""
         real = Path(os.path.realpath(path))
-        if real.is_relative_to(os.path.realpath(self.folder)):
-            return None
-        return (
-            f"{path.name} resolves to {real}, outside the watch folder {self.folder} (a link) — "
-            "not read; copy the file into the folder, or set watch.follow_links = true"
-        )
+        if not real.is_relative_to(os.path.realpath(self.folder)):
+            return (
+                f"{path.name} resolves to {real}, outside the watch folder {self.folder} (a "
+                "link) — not read; copy the file into the folder, or set watch.follow_links = true"
+            )
+        if self._mounts is None:  # read once per poll
+            self._mounts = mounts_below(Path(os.path.realpath(self.folder)))
+        for point, source in self._mounts:
+            if real == point or real.is_relative_to(point):
+                return (
+                    f"{path.name} lies on a mount of {source} at {point}, inside the watch folder "
+                    f"{self.folder} (a bind mount): its real path is outside the folder — not "
+                    "read; copy the file into the folder, or set watch.follow_links = true"
+                )
+        return None
 
     def _decode(self, path: Path) -> tuple[bool, str]:
         try:
@@ -428,3 +441,34 @@ class Watcher:
         self._hints.stop()
         self._hints.start()
         self._folder_id = (folder_stat.st_dev, folder_stat.st_ino)
+
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def mounts_below(folder: Path) -> list[tuple[Path, str]]:
+    """The mounts whose mount point lies strictly inside ``folder`` (Linux; elsewhere none):
+    ``(mount point, what is mounted there)``, the latter as ``device:path in it``.
+
+    Such a mount (``mount --bind /elsewhere folder/sub``, even of a single file) puts files
+    from outside the folder inside it without a link that :func:`os.path.realpath` would see.
+    """
+    try:
+        lines = MOUNTINFO.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        root, point = _unescape(fields[3]), Path(_unescape(fields[4]))
+        if point != folder and point.is_relative_to(folder):
+            source = fields[fields.index("-") + 2] if "-" in fields else "?"
+            found.append((point, f"{source}:{root}"))
+    return found
+
+
+def _unescape(field: str) -> str:
+    r"""A mountinfo path: spaces, tabs, newlines and backslashes are written as ``\ooo``."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

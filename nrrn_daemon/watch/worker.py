@@ -12,8 +12,13 @@ has been running longer than ``deadline_s`` the folder is reported "not answerin
 and ``status``); when the share answers again the poll's result is used and watching resumes by
 itself.
 
-The watcher is only ever called from the worker thread after :meth:`Watcher.start`; the loop
-reads nothing of it but :attr:`PollWorker.idle`.
+The watcher is started by the worker thread too (:meth:`PollWorker.start`: its first scan
+lists the folder), so a daemon whose share is already hung when it starts still starts: the
+start is waited for at most ``deadline_s``, then the folder is reported "not answering" like a
+late poll, and watching begins by itself once the share answers. Only a folder that answers
+"missing" or "not a folder" stops the start (:meth:`PollWorker.check_folder`). The watcher is
+only ever called from the worker thread once started; the loop reads nothing of it but
+:attr:`PollWorker.idle`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+from nrrn_daemon.files import Background
 from nrrn_daemon.watch.watcher import PollResult, Watcher
 
 log = logging.getLogger(__name__)
@@ -69,12 +76,77 @@ class PollWorker:
         self._stopping = False
         self._stalled_since: float | None = None  # logged once per stall
         self._thread: threading.Thread | None = None
+        self._starting = False  # the watcher's start is under way in the worker
+        self._prepared: list[Any] = []  # what `prepare` gave, for `then` (once, on the loop)
+        self._then: Callable[[Any], None] | None = None
+        self._answered_check = True  # the last check_folder() answered in time
 
-    def start(self) -> None:
+    def check_folder(self) -> None:
+        """:meth:`Watcher.check_folder`, waited for at most ``deadline_s``.
+
+        Raises
+        ------
+        InputError
+            The folder answered: it is missing or not a folder.
+
+        A folder that does not answer in time is logged; the daemon starts all the same.
+        """
+        job = Background(self.watcher.check_folder, name="nrrn-watch-check", clock=self._clock)
+        self._answered_check = job.wait(self.deadline_s)
+        if self._answered_check:
+            job.result()
+        else:
+            log.warning(
+                "watch folder %s not answering at start (a hung network share?): starting "
+                "anyway; it is watched once it answers",
+                self.watcher.folder,
+            )
+
+    def start(
+        self,
+        *,
+        prepare: Callable[[], Any] | None = None,
+        then: Callable[[Any], None] | None = None,
+        start_watcher: bool = True,
+    ) -> None:
         """Start the worker thread (a daemon thread: a share hung for good cannot keep the
-        process alive after the loop has stopped)."""
-        self._thread = threading.Thread(target=self._run, name="nrrn-watch-worker", daemon=True)
+        process alive after the loop has stopped), which starts the watcher.
+
+        Parameters
+        ----------
+        prepare
+            Run in the worker thread before the watcher starts (file-system work of the caller's,
+            e.g. :meth:`Watcher.mark_known` of the files already processed).
+        then
+            Called with what ``prepare`` returned, on the caller's thread, by the first
+            :meth:`poll` after the start (before any file is reported).
+        start_watcher
+            False when the watcher was started already.
+
+        Raises
+        ------
+        InputError
+            The watcher's start failed in time (the folder cannot be read). The start is waited
+            for at most ``deadline_s`` (not at all when :meth:`check_folder` found the folder
+            not answering); a later failure is raised by :meth:`poll`.
+        """
+        with self._cond:
+            self._starting = True
+            self._started = self._requested_at = self._clock()
+            self._then = then
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(prepare, start_watcher),
+            name="nrrn-watch-worker",
+            daemon=True,
+        )
         self._thread.start()
+        with self._cond:
+            wait = self.deadline_s if self._answered_check else 0.0
+            self._cond.wait_for(lambda: not self._starting, timeout=wait)
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
 
     @property
     def idle(self) -> bool:
@@ -91,6 +163,10 @@ class PollWorker:
         BaseException
             What the watcher's poll raised (a bug, not a folder error: those are results).
         """
+        with self._cond:
+            prepared, self._prepared = self._prepared, []
+        if prepared and self._then is not None:
+            self._then(prepared[0])  # on the caller's thread, before any file is reported
         with self._cond:
             if self._result is None and self._request is None and self._started is None:
                 self._request, self._requested_at = now, self._clock()
@@ -126,24 +202,55 @@ class PollWorker:
     def stop(self, timeout: float = 2.0) -> bool:
         """Stop the worker and the watcher; True if the worker ended within ``timeout``.
 
-        A worker stuck in a call to a hung share is left behind (it is a daemon thread), and the
-        watcher is then not stopped under its feet.
+        A worker stuck in a call to a hung share is left behind (it is a daemon thread); it stops
+        the watcher itself if that call ever returns.
         """
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning(
-                    "watch folder %s still not answering at stop: its worker is left behind",
-                    self.watcher.folder,
-                )
-                return False
-        self.watcher.stop()
+        if self._thread is None:
+            self.watcher.stop()
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "watch folder %s still not answering at stop: its worker is left behind",
+                self.watcher.folder,
+            )
+            return False
         return True
 
-    def _run(self) -> None:
+    def _run(self, prepare: Callable[[], Any] | None, start_watcher: bool) -> None:
+        try:
+            if self._begin(prepare, start_watcher):
+                self._serve()
+        finally:
+            self.watcher.stop()
+
+    def _begin(self, prepare: Callable[[], Any] | None, start_watcher: bool) -> bool:
+        """Prepare and start the watcher; False if that failed (the error goes to the loop)."""
+        error: BaseException | None = None
+        prepared: list[Any] = []
+        try:
+            if prepare is not None:
+                prepared.append(prepare())
+            if start_watcher:
+                self.watcher.start()
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it
+            error = exc
+        with self._cond:
+            self._starting = False
+            self._started = None
+            self._prepared = prepared
+            self._error = error
+            if error is not None:
+                self._result = PollResult()  # the error is handed over as a poll's
+            self._cond.notify_all()
+        if self._on_done is not None:
+            self._on_done()
+        return error is None
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping or self._request is not None)

@@ -56,7 +56,8 @@ class Running:
         self.thread.start()
         return self
 
-    def wait_for(self, predicate, timeout: float = 30.0) -> None:
+    def wait_for(self, predicate, timeout: float = 120.0) -> None:
+        """Poll ``predicate`` until true; the bound fails only a daemon that never gets there."""
         deadline = time.monotonic() + timeout
         while not predicate():
             assert self.thread.is_alive(), f"daemon stopped: {self.reason}"
@@ -215,7 +216,9 @@ def test_duplicate_content_is_not_redone_and_other_size_fails(tmp_path, tiny_che
         # A slice of another size: failed, not used as a neighbour.
         write_slowly(raw / NAME.format(3), encode_tiff(np.zeros((20, 20), np.uint8)))
         run.wait_for(lambda: _failed_names(profile.store.database) == {NAME.format(3)})
-        time.sleep(1.0)
+        # The repeat of slice 1 was taken in before slice 3 (written earlier, files are taken
+        # in in order): any unit it made was submitted by now, and is recorded once done.
+        run.wait_for(lambda: run.daemon.pipeline.idle)
         assert len(run.outputs) == n_before
     with Store(profile.store.database, readonly=True) as store:
         report = store.status()["datasets"][0]
@@ -446,17 +449,23 @@ def test_a_new_model_re_denoises_earlier_slices_as_new_versions(
             assert versions[1] == (2, "new-model", "ds-v1", True)
 
 
-def test_a_link_out_of_the_watch_folder_is_recorded_failed_and_not_denoised(
-    tmp_path, tiny_checkpoint, volume
-):
-    profile = make_profile(tmp_path, tiny_checkpoint)
+def slices_and_theirs(tmp_path: Path, volume: np.ndarray) -> tuple[Path, Path]:
+    """Four slices in the watch folder, and a real TIFF that is not ours outside it."""
     raw = tmp_path / "raw"
     scope = Microscope(raw, volume, NAME, interval_s=0.0, chunks=1)
     for k in range(4):
         scope.write(k)
     elsewhere = tmp_path / "other_project" / "their_slice.tif"
     elsewhere.parent.mkdir()
-    elsewhere.write_bytes(encode_tiff(volume[4]))  # a real TIFF that is not ours
+    elsewhere.write_bytes(encode_tiff(volume[4]))
+    return raw, elsewhere
+
+
+def test_a_link_out_of_the_watch_folder_is_recorded_failed_and_not_denoised(
+    tmp_path, tiny_checkpoint, volume
+):
+    profile = make_profile(tmp_path, tiny_checkpoint)
+    raw, elsewhere = slices_and_theirs(tmp_path, volume)
     (raw / NAME.format(4)).symlink_to(elsewhere)
     with Store(profile.store.database) as store:
         assert Daemon(profile, store).work(burst=True) == "burst complete"
@@ -466,3 +475,33 @@ def test_a_link_out_of_the_watch_folder_is_recorded_failed_and_not_denoised(
     assert str(elsewhere) in reasons[NAME.format(4)]
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert NAME.format(4) not in written and NAME.format(3) in written
+
+
+@pytest.mark.mounts
+def test_a_slice_mounted_in_from_outside_is_recorded_failed_unless_links_are_followed(
+    tmp_path, tiny_checkpoint, volume, bind_mount
+):
+    """No link to see: someone else's TIFF bind-mounted onto a slice name of the watch folder."""
+    raw, elsewhere = slices_and_theirs(tmp_path, volume)
+    (raw / NAME.format(4)).write_bytes(b"")
+    bind_mount(elsewhere, raw / NAME.format(4))
+    assert not (raw / NAME.format(4)).is_symlink()
+    profile = make_profile(tmp_path, tiny_checkpoint)
+    with Store(profile.store.database) as store:
+        assert Daemon(profile, store).work(burst=True) == "burst complete"
+        ds = store.status()["datasets"][0]
+    reasons = {f["name"]: f["reason"] for f in ds["failed"]}
+    assert "a bind mount" in reasons[NAME.format(4)], reasons
+    assert "watch.follow_links = true" in reasons[NAME.format(4)]
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert NAME.format(4) not in written and NAME.format(3) in written
+
+    followed = make_profile(
+        tmp_path, tiny_checkpoint,
+        **{"watch.follow_links": True, "output.folder": str(tmp_path / "out2"),
+           "store.database": str(tmp_path / "state2" / "db.sqlite")},
+    )  # fmt: skip
+    with Store(followed.store.database) as store:
+        assert Daemon(followed, store).work(burst=True) == "burst complete"
+        assert not store.status()["datasets"][0]["failed"]
+    assert NAME.format(4) in {p.name for p in (tmp_path / "out2").iterdir()}

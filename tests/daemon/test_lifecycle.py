@@ -74,6 +74,12 @@ def query(db: Path, sql: str) -> list[tuple]:
         con.close()
 
 
+HUNG_S = 900.0
+"""Bound of the waits for a daemon process: it only fails one that hangs. Under load a fresh
+process may take minutes just to import torch (measured: 221 s at nice 19 on the loaded 2-core
+machine)."""
+
+
 def wait_until(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -94,10 +100,10 @@ def test_sigterm_exits_zero_within_ten_seconds(tmp_path, checkpoint):
     ).run()
     proc = start(profile)
     try:
-        wait_until(lambda: len(query(db, "SELECT id FROM outputs")) >= 2, 60, proc)
+        wait_until(lambda: len(query(db, "SELECT id FROM outputs")) >= 2, HUNG_S, proc)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
+        out, _ = proc.communicate(timeout=10)  # the issue's bound for SIGTERM
         assert time.monotonic() - sent < 10
     finally:
         if proc.poll() is None:
@@ -136,7 +142,7 @@ def test_sigkill_at_any_point_then_restart_leaves_one_current_output_per_slice(
     scope_done = [p.name for p in scope.written]
     # Restart; --burst processes everything in the folder and exits.
     proc = start(profile, "--burst")
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HUNG_S)
     assert proc.returncode == 0, out
     raw_names = sorted(p.name for p in (tmp_path / "raw").iterdir())
     assert raw_names == sorted(scope_done)

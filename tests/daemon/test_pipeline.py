@@ -176,7 +176,7 @@ def test_outputs_are_identical_to_the_synchronous_daemon(tmp_path, tiny_checkpoi
 
 def test_a_stop_during_a_write_finishes_and_records_it(tmp_path, tiny_checkpoint, vol, monkeypatch):
     writing: list[str] = []
-    in_write = threading.Event()
+    in_write, stop_asked = threading.Event(), threading.Event()
     real_atomic_write = tiffwrite.atomic_write
 
     def slow_atomic_write(path, render, hint):
@@ -184,7 +184,8 @@ def test_a_stop_during_a_write_finishes_and_records_it(tmp_path, tiny_checkpoint
             render(fh)
             writing.append(Path(path).name)
             in_write.set()
-            time.sleep(0.5)  # the stop comes now: half the file's life is still to come
+            # the stop comes now, the file half made: it is finished once the stop is asked
+            assert stop_asked.wait(120), "the test never asked the daemon to stop"
 
         return real_atomic_write(path, slow_render, hint)
 
@@ -192,11 +193,11 @@ def test_a_stop_during_a_write_finishes_and_records_it(tmp_path, tiny_checkpoint
     profile = make_profile(tmp_path, tiny_checkpoint)
     Microscope(tmp_path / "raw", vol, NAME, interval_s=0.0, chunks=1).run()
     with Running(profile) as run:
-        assert in_write.wait(30), "no output was written"
-        stopped = time.monotonic()
+        assert in_write.wait(120), "no output was written"
         run.daemon.request_stop("SIGTERM")
-        run.thread.join(10)
-        assert not run.thread.is_alive() and time.monotonic() - stopped < 5
+        stop_asked.set()
+        run.thread.join(10)  # the bound for a stop (SIGTERM < 10 s)
+        assert not run.thread.is_alive()
     assert run.reason == "SIGTERM"
     outs = current_outputs(profile.store.database)
     assert writing[0] in outs  # the write in flight was finished and recorded
@@ -217,9 +218,11 @@ def test_a_stop_during_a_write_finishes_and_records_it(tmp_path, tiny_checkpoint
 
 def test_memory_held_by_the_pipeline_is_bounded(tmp_path, tiny_checkpoint, vol, monkeypatch):
     real_atomic_write = tiffwrite.atomic_write
+    piled_up = threading.Event()  # set by the test once the model has outputs waiting
 
     def slow_atomic_write(path, render, hint):  # the writer is the bottleneck: outputs pile up
-        time.sleep(0.15)
+        assert piled_up.wait(120), "the model never got ahead of the held writer"
+        time.sleep(0.05)  # and stays a little slow, so outputs keep waiting for it
         return real_atomic_write(path, render, hint)
 
     monkeypatch.setattr(tiffwrite, "atomic_write", slow_atomic_write)
@@ -227,12 +230,16 @@ def test_memory_held_by_the_pipeline_is_bounded(tmp_path, tiny_checkpoint, vol, 
     stack = np.concatenate([vol, vol[::-1], vol])  # 24 slices
     Microscope(tmp_path / "raw", stack, NAME, interval_s=0.0, chunks=1).run()
     cache_sizes: list[int] = []
+    deadline = time.monotonic() + 300  # fails only a pipeline that hangs
     with Running(profile) as run:
+        pipeline = run.daemon.pipeline
         while len(set(run.outputs)) < len(stack):
             cache_sizes.append(len(run.daemon.cache))
+            if pipeline.peak_outputs >= 3:  # one held by the writer, one queued, one in the model
+                piled_up.set()
             assert run.thread.is_alive(), run.reason
+            assert time.monotonic() < deadline, f"outputs so far: {run.outputs}"
             time.sleep(0.01)
-        pipeline = run.daemon.pipeline
     assert max(cache_sizes) <= CACHE_SLICES
     assert pipeline.peak_inputs <= 2  # one unit denoised, one read ahead
     assert pipeline.peak_outputs <= 3  # one being written, one queued, one waiting in the model

@@ -60,6 +60,37 @@ def start(cache_parent: Path, out: Path) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
+def start_eager(out: Path):
+    """The same start without compiling: the pixels a compiled start must give."""
+    import numpy as np
+
+    done = subprocess.run(
+        [sys.executable, "-c", START.replace('compile="on"', 'compile="off"'), str(out)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(out)
+
+
+def only_tables(data: bytes) -> bytes:
+    """A 64-bit ELF library whose header, program and section tables were written, nothing else
+    (the pages a linker that maps its output had not filled when it was killed)."""
+    import struct
+
+    phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<4H", data, 0x36)
+    out = bytearray(len(data))
+    for start, end in (
+        (0, 64),
+        (phoff, phoff + phentsize * phnum),
+        (shoff, shoff + shentsize * shnum),
+    ):
+        out[start:end] = data[start:end]
+    return bytes(out)
+
+
 def libraries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.so") if p.is_file())
 
@@ -85,10 +116,15 @@ def test_heal_removes_only_libraries_a_kill_cut_short(tmp_path: Path) -> None:
     half.write_bytes(data[: len(data) // 2])
     short = tmp_path / "short.so"
     short.write_bytes(data[:-1])  # one byte missing: the section table is cut
-    assert acceleration.elf_is_whole(whole)
-    assert not any(acceleration.elf_is_whole(p) for p in (empty, half, short))
+    unwritten = tmp_path / "unwritten.so"  # a mapping linker killed: full length, zeros
+    unwritten.write_bytes(data[:64] + bytes(len(data) - 64))
+    bodiless = tmp_path / "bodiless.so"  # its tables written, not its contents: looks whole
+    bodiless.write_bytes(only_tables(data))
+    assert acceleration.elf_is_whole(whole) and acceleration.elf_is_whole(bodiless)
+    assert not any(acceleration.elf_is_whole(p) for p in (empty, half, short, unwritten))
     removed = acceleration.heal_compile_cache(tmp_path)
-    assert sorted(removed) == sorted([empty, half, short])
+    assert sorted(removed) == sorted([empty, half, short, unwritten])
+    bodiless.unlink()
     assert libraries(tmp_path) == [whole]
     assert acceleration.heal_compile_cache(tmp_path / "absent") == []
 
@@ -155,6 +191,39 @@ def test_a_start_after_a_kill_mid_compile_compiles_with_the_same_pixels(
     assert all(acceleration.elf_is_whole(p) for p in libraries(Path(first["cache"])))
 
 
-# The retry after a compile that fails on a damaged entry (acceleration's second line of defence)
-# has no test: damaging a kernel library the same process has loaded kills it (SIGBUS) before
-# the retry can run, so only the start-up heal above and the error classification are shown.
+@needs_cc
+def test_a_damaged_entry_the_heal_cannot_see_is_cleared_and_compiled_again(tmp_path: Path) -> None:
+    """The second line of defence: kernel libraries whose tables were written, not their contents.
+
+    A linker that maps its output (gold, lld, mold) sizes the file first and fills it in; killed
+    after writing the ELF header, program and section tables, it leaves a file the start-up heal
+    keeps (it looks whole). Inductor then fails on it: a C++ compile error where the damaged one
+    is its CPU probe, an import error for a kernel. The compile must clear the cache, compile once
+    more, say why, and give the first process's pixels (and the eager ones, within the float
+    rounding of fused kernels). The damage is done between two processes: damaging a library the
+    running process has mapped kills it (SIGBUS).
+    """
+    first, _ = start(tmp_path / "cache", tmp_path / "first.npy")
+    if not first["compiled"]:
+        pytest.skip(f"torch.compile cannot run here: {first['failure']}")
+    cache = Path(first["cache"])
+    built = libraries(cache)
+    assert built, "the compiled kernels are cached in the daemon's folder"
+    for lib in built:
+        lib.write_bytes(only_tables(lib.read_bytes()))
+        assert acceleration.elf_is_whole(lib), "the heal cannot tell this damage"
+
+    second, log = start(tmp_path / "cache", tmp_path / "second.npy")
+    assert second["compiled"] and second["failure"] is None, log
+    assert f"compiling failed with the compile cache {cache}" in log, log
+    assert "cleared it, compiling again" in log
+    assert "damaged compiled kernel" not in log, "the heal did not act: the retry did"
+    assert "install a C++ compiler" not in log and "not available here" not in log, log
+    import numpy as np
+
+    eager = start_eager(tmp_path / "eager.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "second.npy"), np.load(tmp_path / "first.npy"))
+    np.testing.assert_allclose(np.load(tmp_path / "second.npy"), eager, atol=1)
+    rebuilt = libraries(cache)
+    assert rebuilt and all(lib.read_bytes()[64:128] != bytes(64) for lib in rebuilt)
+    assert not list(cache.parent.glob("*.cleared-*")), "the cleared cache is not left beside it"

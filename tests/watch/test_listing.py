@@ -253,9 +253,14 @@ def test_a_microscope_writing_slowly_into_a_big_folder(tmp_path: Path):
                 assert time.monotonic() < deadline, f"gave up: {reported}, {failed}"
                 take(watcher.poll())
                 time.sleep(0.02)
-            end = time.monotonic() + 0.5  # nothing more comes
-            while time.monotonic() < end:
+            # Nothing more comes: every slice is written whole by now, so a rescan that stats
+            # every file, then polls until nothing is pending, would report any again.
+            watcher.rescan()
+            while True:
                 take(watcher.poll())
+                if watcher.idle:
+                    break
+                assert time.monotonic() < deadline, f"still pending: {reported}, {failed}"
                 time.sleep(0.02)
         finally:
             scope.stop()

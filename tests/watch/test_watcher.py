@@ -65,10 +65,32 @@ class Seen:
             self.folder_errors.append(result.folder_error)
 
 
+class Clock:
+    """The watcher's time in these tests: moved on by each helper poll, not by the wall clock.
+
+    Settle times, the grace and rescan intervals then pass by the number of polls the test
+    makes, whatever the machine's load; the real sleeps between polls only let the observers'
+    threads deliver their events.
+    """
+
+    STEP = 0.02
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def tick(self) -> float:
+        self.now += self.STEP
+        return self.now
+
+
+CLOCK = Clock()
+
+
 def poll_until(
-    watcher: Watcher, done: Callable[[Seen], bool], timeout: float = 10.0, seen: Seen | None = None
+    watcher: Watcher, done: Callable[[Seen], bool], timeout: float = 120.0, seen: Seen | None = None
 ) -> Seen:
-    """Poll every 20 ms until ``done(seen)``; fail at the deadline."""
+    """Poll (the watcher's time moving on by one step each) until ``done(seen)``; a real
+    ``timeout`` fails only a watcher that never gets there."""
     seen = Seen() if seen is None else seen
     deadline = time.monotonic() + timeout
     while not done(seen):
@@ -76,18 +98,27 @@ def poll_until(
             f"gave up after {timeout} s: complete={seen.complete}, failed={seen.failed}"
         )
         time.sleep(0.02)
-        seen.add(watcher.poll())
+        seen.add(watcher.poll(CLOCK.tick()))
     return seen
 
 
 def poll_for(watcher: Watcher, seconds: float, seen: Seen | None = None) -> Seen:
-    """Poll every 20 ms for ``seconds``."""
+    """Poll for ``seconds`` of the watcher's time."""
     seen = Seen() if seen is None else seen
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        seen.add(watcher.poll())
+    end = CLOCK.now + seconds
+    while CLOCK.now < end:
+        seen.add(watcher.poll(CLOCK.tick()))
         time.sleep(0.02)
     return seen
+
+
+def wait_seen(watcher: Watcher, files: int) -> None:
+    """Poll until the watcher holds ``files`` candidates: the observer's hints (asynchronous)
+    have come in, and a candidate's settle and grace times count from the poll that saw it."""
+    deadline = time.monotonic() + 120.0
+    while watcher.poll(CLOCK.tick()).pending < files:
+        assert time.monotonic() < deadline, "the watcher never saw the file"
+        time.sleep(0.02)
 
 
 class Microscope:
@@ -115,6 +146,7 @@ class Microscope:
                 fh.write(data[start : start + size])
                 fh.flush()
                 if start + size < len(data):
+                    wait_seen(watcher, 1)  # then the pause is on the watcher's clock
                     poll_for(watcher, pause_s, seen)
         return seen
 
@@ -169,9 +201,10 @@ def test_truncated_tiff_ends_failed_with_reason(watcher: Watcher, microscope: Mi
     data = tiff_bytes(2)
     path = microscope.write(slice_name(2), data[: len(data) // 2])
 
-    t0 = time.monotonic()
+    wait_seen(watcher, 1)
+    t0 = CLOCK.now
     seen = poll_until(watcher, lambda s: bool(s.failed))
-    assert time.monotonic() - t0 >= GRACE * 0.9  # not before the grace is over
+    assert CLOCK.now - t0 >= GRACE  # not before the grace is over
     assert seen.complete == []
     [(failed_path, reason)] = seen.failed
     assert failed_path == path
@@ -182,6 +215,7 @@ def test_truncated_tiff_ends_failed_with_reason(watcher: Watcher, microscope: Mi
 def test_a_file_fixed_within_the_grace_is_complete(watcher: Watcher, microscope: Microscope):
     data = tiff_bytes(3)
     path = microscope.write(slice_name(3), data[:1000])
+    wait_seen(watcher, 1)
     poll_for(watcher, 2 * SETTLE)  # stable and undecodable, but the grace is not over
     with open(path, "ab") as fh:  # the slow writer resumes
         fh.write(data[1000:])
@@ -307,15 +341,15 @@ def test_a_vanished_folder_is_reported_and_recovered(
     before = set(threading.enumerate())
     with make_watcher(folder, kind) as watcher:
         shutil.rmtree(folder)  # the share went away
-        result = watcher.poll()
+        result = watcher.poll(CLOCK.tick())
         assert result.folder_error is not None and "not reachable" in result.folder_error
-        assert watcher.poll().folder_error == result.folder_error  # keeps going
+        assert watcher.poll(CLOCK.tick()).folder_error == result.folder_error  # keeps going
 
         folder.mkdir()  # back (a new inode: the old inotify watch is dead)
         first = microscope.write(slice_name(1), tiff_bytes(1))  # arrived meanwhile
         seen = poll_until(watcher, lambda s: bool(s.complete))
         assert seen.complete == [first]
-        assert watcher.poll().folder_error is None
+        assert watcher.poll(CLOCK.tick()).folder_error is None
 
         # The observer (or listing) was restarted: a new file is found, with no rescan due.
         second = microscope.write(slice_name(2), tiff_bytes(2))
@@ -433,3 +467,44 @@ def test_a_link_to_a_tiff_outside_the_folder_is_failed_unread(tmp_path: Path, ki
         allowed = w.poll(now=SETTLE + 0.01)
     assert not allowed.failed
     assert allowed.complete == [folder / slice_name(i) for i in (8, 9, 10)]
+
+
+@pytest.mark.mounts
+def test_files_mounted_into_the_folder_from_elsewhere_are_failed_unread(tmp_path: Path, bind_mount):
+    """No link to see: someone else's TIFF bind-mounted onto a slice name, a folder of theirs
+    bind-mounted inside (watched recursively), and a ``..`` link out of that mount. Each is
+    failed with the reason, never opened, unless ``follow_links``."""
+    folder = tmp_path / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    theirs = tmp_path / "someone_else"
+    (theirs / "project").mkdir(parents=True)
+    (theirs / "private.tif").write_bytes(tiff_bytes(1))
+    (theirs / "project" / slice_name(5)).write_bytes(tiff_bytes(2))
+    # climbs out through the mount's root: ../.. of folder/sub is tmp_path
+    (theirs / "project" / slice_name(6)).symlink_to(Path("..") / ".." / theirs.name / "private.tif")
+    (folder / slice_name(4)).write_bytes(b"")  # the mount point: a file of ours, empty
+    bind_mount(theirs / "private.tif", folder / slice_name(4))
+    bind_mount(theirs / "project", folder / "sub")
+    (folder / slice_name(10)).write_bytes(tiff_bytes(3))
+    assert not (folder / slice_name(4)).is_symlink() and (folder / slice_name(4)).stat().st_size
+    decode = CountingDecode()
+    with make_watcher(folder, "listing", recursive=True, decode_check=decode) as w:
+        first = w.poll(now=0.0)
+        later = w.poll(now=SETTLE + 0.01)
+    reasons = dict(first.failed)
+    assert sorted(reasons) == [folder / slice_name(4), folder / "sub" / slice_name(5),
+                               folder / "sub" / slice_name(6)], first  # fmt: skip
+    assert "a bind mount" in reasons[folder / slice_name(4)]
+    assert str(folder / slice_name(4)) in reasons[folder / slice_name(4)]
+    assert "a bind mount" in reasons[folder / "sub" / slice_name(5)]
+    assert str(theirs / "private.tif") in reasons[folder / "sub" / slice_name(6)]  # the `..`
+    assert all("watch.follow_links" in why for why in reasons.values())
+    assert later.complete == [folder / slice_name(10)] and not later.failed, later
+    assert decode.opened == [folder / slice_name(10)]
+
+    with make_watcher(folder, "listing", recursive=True, decode_check=decode,
+                      follow_links=True) as w:  # fmt: skip
+        w.poll(now=0.0)
+        allowed = w.poll(now=SETTLE + 0.01)
+    assert not allowed.failed
+    assert allowed.complete == sorted([*reasons, folder / slice_name(10)])

@@ -33,7 +33,7 @@ def test_a_hung_share_is_reported_and_watching_resumes(share: StalledShare) -> N
     finished = threading.Event()
     with make_watcher(share.mountpoint, "listing", rescan_interval_s=1e9) as watcher:
         worker = PollWorker(watcher, deadline_s=45.0, wait_s=0.0, on_done=finished.set, clock=clock)
-        worker.start()
+        worker.start(start_watcher=False)  # make_watcher started it
         try:
             share.stall()
             finished.clear()
