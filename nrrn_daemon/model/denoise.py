@@ -263,7 +263,7 @@ class Denoiser:
                     f"({failure}) — free the GPU or use device 'cpu'"
                 )
         self.tile, self.tile_batch = tile, batch  # keep what fitted for the next slices
-        if self.checkpoint.config.blind:
+        if self.checkpoint.config.blind and neighbours:  # single mode is not blind (nrrn.py)
             out = self._posterior(centre, out)
         top = float(np.iinfo(centre.dtype).max)
         out = np.clip(np.rint(out), 0.0, top).astype(centre.dtype)
