@@ -9,7 +9,8 @@ The crops, normalisation and model are those of the product: random ``patch``² 
 triplets (z−1, z, z+1) of the noisy block with the same flips and rotations on all three and on
 the clean centre, z-scored with the noisy centre slice's mean/std (the checkpoint's
 :class:`~nrrn_daemon.model.checkpoints.Normalisation`), the network's triplet output (the mean of
-its two branches), MSE to the clean centre, Adam with the fine-tune's cosine decay.
+its two branches), MSE to the clean centre, Adam with a cosine decay to ``lr_floor`` (no
+warm-up, unlike the fine-tune's schedule).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def train_supervised(
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     ckpt = Checkpoint.from_model(
         model,

@@ -61,6 +61,7 @@ import torch
 from nrrn_daemon.evaluation.baselines import METHODS, best_of_grid, run_method
 from nrrn_daemon.evaluation.metrics import psnr, ssim
 from nrrn_daemon.finetune.training import TrainSettings, train
+from nrrn_daemon.imaging.alignment import apply_shift
 from nrrn_daemon.model.checkpoints import Checkpoint, load_checkpoint
 from nrrn_daemon.model.denoise import Denoiser
 from nrrn_daemon.model.devices import cpu_model
@@ -239,14 +240,6 @@ def random_walk(sigma: float, seed: int, count: int) -> np.ndarray:
     return np.cumsum(rng.normal(0.0, sigma, size=(count, 2)), axis=0)
 
 
-def moved(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """``image`` shifted by ``shift`` px (cubic spline, edges repeated), uint8 like the data."""
-    from scipy import ndimage
-
-    out = ndimage.shift(image.astype(np.float32), tuple(shift), order=3, mode="nearest")
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
 def drift_triplets(
     volume: np.ndarray, spec: str, positions: np.ndarray, first: int, zs: list[int], seed: int
 ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -259,8 +252,8 @@ def drift_triplets(
     out = {}
     for z in zs:
         here = positions[z - first]
-        clean = [moved(volume[k], positions[k - first]) for k in (z - 1, z, z + 1)]
-        still = [moved(volume[k], here) for k in (z - 1, z, z + 1)]
+        clean = [apply_shift(volume[k], tuple(positions[k - first])) for k in (z - 1, z, z + 1)]
+        still = [apply_shift(volume[k], tuple(here)) for k in (z - 1, z, z + 1)]
         noisy_drift = noisy_stack(np.stack(clean), spec, seed=seed + z)
         noisy_still = noisy_stack(np.stack(still), spec, seed=seed + z)
         out[z] = (clean[1], noisy_drift, noisy_still)
